@@ -6,6 +6,7 @@ import json
 import os
 
 import pytest
+from pyfakefs import helpers as fake_ids
 from pyfakefs.fake_filesystem import FakeFilesystem
 
 from fakekvm.abi import kvm
@@ -91,13 +92,13 @@ def test_simulated_dev_userfaultfd_without_permission(fs: FakeFilesystem) -> Non
     _host(fs)
     fs.create_file("/dev/userfaultfd", st_mode=0o020600)
     os.chown("/dev/userfaultfd", 0, 0)
-    fs.set_uid(1000)
-    fs.set_gid(1000)
+    fake_ids.set_uid(1000)
+    fake_ids.set_gid(1000)
     try:
         facts = doctor.probe_uffd(RealKernel())
     finally:
-        fs.set_uid(0)
-        fs.set_gid(0)
+        fake_ids.set_uid(0)
+        fake_ids.set_gid(0)
     assert facts.dev_present
     assert not facts.dev_usable
     assert "EACCES" in (facts.dev_error or "")

@@ -187,16 +187,16 @@ def probe_kvm(kernel: Kernel, path: str = "/dev/kvm") -> KvmFacts:
                         except OSError:
                             vm_caps[cap] = 0
         for cap in range(MAX_CAP + 1):
-            name = names.name("cap", cap)
+            name = names.describe("cap", cap)
             s, v = sys_caps.get(cap, 0), vm_caps.get(cap)
             if name.startswith("KVM_CAP_") or s or v:
                 facts.caps.append(Cap(cap, name, s, v))
         types = sys_caps.get(kvm.KVM_CAP_VM_TYPES, 0)
-        facts.vm_types = [names.name("vm_type", bit) for bit in range(32) if types >> bit & 1]
+        facts.vm_types = [names.describe("vm_type", bit) for bit in range(32) if types >> bit & 1]
         gmem = vm_caps.get(kvm.KVM_CAP_GUEST_MEMFD_FLAGS, sys_caps.get(kvm.KVM_CAP_GUEST_MEMFD_FLAGS))
         if sys_caps.get(kvm.KVM_CAP_GUEST_MEMFD):
             facts.guest_memfd_flags = gmem or 0
-            facts.guest_memfd_flag_names = names.flag_names("guest_memfd_flag", gmem or 0)
+            facts.guest_memfd_flag_names = names.flag_names("gmem_flag", gmem or 0)
     return facts
 
 
@@ -230,7 +230,7 @@ def _try_register(kernel: Kernel, fd: int, memory: str, mode: int) -> RegisterMo
         ioctls = uffd.uffdio_register_fmt.unpack(buf)[3]
         unreg = bytearray(uffd.uffdio_range_fmt.pack(mp.address, length))
         kernel.ioctl(fd, uffd.UFFDIO_UNREGISTER, unreg)
-        return RegisterMode(memory, label, True, ioctls, names.flag_names("uffd_ioctl_bit", ioctls), None)
+        return RegisterMode(memory, label, True, ioctls, names.flag_names("uffd_ioctls", ioctls), None)
     finally:
         kernel.munmap(mp.address, length)
         if mfd >= 0:
@@ -421,7 +421,7 @@ def format_report(r: DoctorReport) -> str:
         lines.append(_row("UFFDIO_API ioctls", f"{u.api_ioctls:#x}"))
         for rm in u.register_modes:
             value = (
-                f"ioctls {rm.ioctls:#x} ({', '.join(n.removeprefix('_UFFDIO_') for n in rm.ioctl_names)})"
+                f"ioctls {rm.ioctls:#x} ({', '.join(n.removeprefix('_UFFDIO_').removeprefix('UFFDIO_') for n in rm.ioctl_names)})"
                 if rm.ok and rm.ioctls is not None
                 else f"refused: {rm.error}"
             )
