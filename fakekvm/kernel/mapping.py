@@ -48,7 +48,7 @@ class Mapping:
 
 
 @functools.lru_cache(maxsize=256)
-def _mapping_type(length: int) -> type:
+def _mapping_type(length: int) -> Any:
     return type("Mapping", (Mapping, ctypes.c_ubyte * length), {})
 
 
@@ -70,4 +70,4 @@ def make_mapping(
     m.flags = flags
     m.offset = offset
     m.owner = owner
-    return m  # type: ignore[no-any-return]
+    return m

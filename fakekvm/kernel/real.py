@@ -9,7 +9,6 @@ GIL, so a vCPU thread blocked in ``KVM_RUN`` does not stop the others),
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import fcntl
 import os
@@ -22,7 +21,7 @@ from fakekvm.abi import mman
 from fakekvm.kernel.mapping import Mapping, make_mapping
 from fakekvm.kernel.seam import IoctlArg, Kernel
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc = ctypes.CDLL("libc.so.6", use_errno=True)
 
 _libc.mmap.restype = ctypes.c_void_p
 _libc.mmap.argtypes = [
@@ -66,7 +65,7 @@ class RealKernel(Kernel):
         if isinstance(arg, int):
             return fcntl.ioctl(fd, request, arg)
         # A writable buffer is passed by pointer and updated in place.
-        return fcntl.ioctl(fd, request, arg, True)  # type: ignore[call-overload, no-any-return]
+        return fcntl.ioctl(fd, request, arg, True)  # type: ignore[arg-type]
 
     def read(self, fd: int, n: int) -> bytes:
         return os.read(fd, n)
