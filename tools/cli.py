@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from collections.abc import Callable, Sequence
 
 Handler = Callable[[argparse.Namespace], int]
+
+# Each module in tools/ named here provides add_parser(subparsers) and sets a handler.
+SUBCOMMANDS = ["doctor"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -16,9 +20,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    from tools import doctor
-
-    doctor.add_parser(sub)
+    for module in SUBCOMMANDS:
+        importlib.import_module(f"tools.{module}").add_parser(sub)
     return p
 
 
