@@ -41,8 +41,10 @@ _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 _libc.fallocate.restype = ctypes.c_int
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
 _libc.syscall.restype = ctypes.c_long
+_libc.ioctl.restype = ctypes.c_int
 
-NR_userfaultfd = getattr(mman, "__NR_userfaultfd")  # noqa: B009 (a dunder name; mangled in classes)
+# a dunder name, which Python would mangle inside the class body
+NR_userfaultfd = getattr(mman, "__NR_userfaultfd")
 
 
 def _raise_errno(what: str) -> None:
@@ -63,7 +65,14 @@ class RealKernel(Kernel):
 
     def ioctl(self, fd: int, request: int, arg: IoctlArg = 0) -> int:
         if isinstance(arg, int):
-            return fcntl.ioctl(fd, request, arg)
+            if -(1 << 31) <= arg < 1 << 31:
+                return fcntl.ioctl(fd, request, arg)
+            # fcntl.ioctl takes a C int; the kernel's argument is an unsigned long
+            # (a pointer or a large value such as KVM_SET_TSS_ADDR's): go through libc.
+            r = _libc.ioctl(fd, ctypes.c_ulong(request), ctypes.c_ulong(arg & ((1 << 64) - 1)))
+            if r < 0:
+                _raise_errno(f"ioctl {request:#x}")
+            return int(r)
         # A writable buffer is passed by pointer and updated in place.
         return fcntl.ioctl(fd, request, arg, True)  # type: ignore[arg-type]
 

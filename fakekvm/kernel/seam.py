@@ -27,12 +27,11 @@ from __future__ import annotations
 import abc
 import os
 from collections.abc import Sequence
-from typing import Union
 
 from fakekvm.kernel.mapping import Mapping
 
 # An ioctl argument: a value, or a writable buffer passed by pointer.
-IoctlArg = Union[int, bytearray, memoryview, Mapping]
+IoctlArg = int | bytearray | memoryview | Mapping
 
 
 class Kernel(abc.ABC):
@@ -127,6 +126,7 @@ class Kernel(abc.ABC):
 
     def shutdown(self) -> None:
         """Release what the kernel object holds (a fake frees its VMs; real: nothing)."""
+        return None
 
 
 class ForwardingKernel(Kernel):
