@@ -4,7 +4,9 @@
 dispatches every fd-taking `Kernel` call to the file. A subclass overrides what
 its kind of file supports; everything else answers as the kernel answers for a
 file without that operation (these defaults follow fs/read_write.c, fs/ioctl.c,
-mm/mmap.c and fs/open.c). Subclasses: /dev/kvm, VM, vCPU, guest_memfd,
+mm/mmap.c and fs/open.c, and were checked on the live kernel with VM, vCPU and
+userfaultfd fds: lseek 0, read/write/ftruncate EINVAL, pread ESPIPE, fstat an
+anon inode, fallocate ENODEV). Subclasses: /dev/kvm, VM, vCPU, guest_memfd,
 userfaultfd, /dev/userfaultfd, eventfd, memfd.
 
 Reference counting is the kernel's: a file lives while an fd or another kernel
@@ -42,6 +44,21 @@ if TYPE_CHECKING:
 VM_FAULT_OK = 0
 VM_FAULT_SIGBUS = 1
 VM_FAULT_SIGSEGV = 2
+
+
+_ANON_STAT: os.stat_result | None = None
+
+
+def anon_inode_stat() -> os.stat_result:
+    """fstat of an anon-inode file (they all share one inode): taken once from a real eventfd."""
+    global _ANON_STAT
+    if _ANON_STAT is None:
+        fd = os.eventfd(0, os.EFD_CLOEXEC)
+        try:
+            _ANON_STAT = os.fstat(fd)
+        finally:
+            os.close(fd)
+    return _ANON_STAT
 
 
 class FakeFile:
@@ -97,16 +114,19 @@ class FakeFile:
         raise OSError(errno.ESPIPE, f"{self.kind}: pwrite not supported")
 
     def lseek(self, pos: int, how: int) -> int:
-        raise OSError(errno.ESPIPE, f"{self.kind}: lseek not supported")
+        # noop_llseek: what KVM's, userfaultfd's and eventfd's anon-inode files use (live: 0)
+        return 0
 
     def fstat(self) -> os.stat_result:
-        raise OSError(errno.EINVAL, f"{self.kind}: fstat not supported")
+        # an anon inode: mode 0600 with no file type bits (live, for VM/vCPU/uffd/eventfd fds)
+        return anon_inode_stat()
 
     def ftruncate(self, length: int) -> None:
         raise OSError(errno.EINVAL, f"{self.kind}: ftruncate not supported")
 
     def fallocate(self, mode: int, offset: int, length: int) -> None:
-        raise OSError(errno.EOPNOTSUPP, f"{self.kind}: fallocate not supported")
+        # vfs_fallocate: an anon inode is neither a regular file nor a block device
+        raise OSError(errno.ENODEV, f"{self.kind}: fallocate not supported")
 
     def mmap(self, length: int, prot: int, flags: int, offset: int, address: int) -> Mapping:
         raise OSError(errno.ENODEV, f"{self.kind}: mmap not supported")

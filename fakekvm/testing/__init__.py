@@ -1,0 +1,1 @@
+"""Test helpers shipped with the package (scenario suites run on the real and the fake kernel)."""
