@@ -1,0 +1,168 @@
+"""``fakekvm bench``: the same workload on the real kernel and on the fake, side by side, in one run.
+
+Each benchmark runs the same code on `RealKernel` and on `FakeKernel` (through
+the `Kernel` seam: the code does not know which it has), takes the median of a
+few repetitions, and reports both numbers and their ratio against the target
+the project set for it. Absolute numbers move with the machine's load; the ratio
+within one run is what the targets are about. Where the host has no KVM or
+userfaultfd the real column says why and the fake still runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import msgspec
+
+from fakekvm.abi import kvm
+from fakekvm.kernel import Kernel, RealKernel
+from fakekvm.kernel.real import kvm_available
+
+PROFILE = "6.18-pvm"
+
+
+@dataclass
+class Result:
+    name: str
+    unit: str
+    real: float | None
+    fake: float | None
+    #: "fake/real <= x" (lower is better) or "fake/real >= x" (higher is better)
+    target: str
+    note: str = ""
+
+    @property
+    def ratio(self) -> float | None:
+        if self.real is None or self.fake is None or self.real == 0:
+            return None
+        return self.fake / self.real
+
+    @property
+    def met(self) -> bool | None:
+        r = self.ratio
+        if r is None:
+            return None
+        op, bound = self.target.split()[1], float(self.target.split()[2])
+        return r <= bound if op == "<=" else r >= bound
+
+
+def _fake() -> Kernel:
+    from fakekvm.fake import FakeKernel
+
+    return FakeKernel(profile=PROFILE)
+
+
+def _median(f: Callable[[], float], repeat: int) -> float:
+    return statistics.median(f() for _ in range(repeat))
+
+
+def bench_check_extension(kernel: Kernel, n: int = 20000) -> float:
+    """Microseconds per KVM_CHECK_EXTENSION on /dev/kvm (the cost of the seam itself)."""
+    fd = kernel.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
+    try:
+        ioctl, req, cap = kernel.ioctl, kvm.KVM_CHECK_EXTENSION, kvm.KVM_CAP_USER_MEMORY
+        t0 = time.perf_counter_ns()
+        for _ in range(n):
+            ioctl(fd, req, cap)
+        return (time.perf_counter_ns() - t0) / n / 1000
+    finally:
+        kernel.close(fd)
+
+
+def bench_first_touch(kernel: Kernel, mib: int = 64) -> float:
+    """Guest pages first-touched per second: the toucher guest writing every page of ``mib`` MiB."""
+    from fakekvm.guests import GuestVM, Pattern, TouchParams, layout, toucher_image
+
+    size = mib << 20
+    mem = layout.DATA_BASE + size
+    p = TouchParams(layout.DATA_BASE, size, Pattern.SEQUENTIAL, write=True, seed=1)
+    with GuestVM(kernel, mem) as vm:
+        vm.load(toucher_image(mem, p))
+        t0 = time.perf_counter_ns()
+        r = vm.run()
+        dt = time.perf_counter_ns() - t0
+    if r.reports[0] != p.npages:
+        raise RuntimeError(f"toucher touched {r.reports[0]} pages, expected {p.npages}")
+    return p.npages / (dt / 1e9)
+
+
+def bench_uffd_fault(kernel: Kernel, npages: int = 2000) -> float:
+    """Microseconds per userfaultfd fault round trip with one Python handler (UFFDIO_COPY)."""
+    from fakekvm.testing.uffd_scenarios import fault_round_trip
+
+    return fault_round_trip(kernel, npages) * 1e6
+
+
+def run_all(only: set[str] | None = None, repeat: int = 3, quick: bool = False) -> list[Result]:
+    have_kvm, kvm_why = kvm_available()
+    real = RealKernel()
+    out: list[Result] = []
+
+    def both(name: str, unit: str, target: str, f: Callable[[Kernel], float], needs_kvm: bool) -> None:
+        if only and name not in only:
+            return
+        r: float | None = None
+        note = ""
+        if needs_kvm and not have_kvm:
+            note = f"real: {kvm_why}"
+        else:
+            try:
+                r = _median(lambda: f(real), repeat)
+            except OSError as e:
+                note = f"real: {e}"
+        fk = _fake()
+        try:
+            fv = _median(lambda: f(fk), repeat)
+        finally:
+            fk.shutdown()
+        out.append(Result(name, unit, r, fv, target, note))
+
+    both("check_extension", "µs/call", "fake/real <= 3", bench_check_extension, True)
+    both("first_touch", "pages/s", "fake/real >= 1",
+         lambda k: bench_first_touch(k, 16 if quick else 64), True)
+    both("uffd_fault", "µs/fault", "fake/real <= 1.5",
+         lambda k: bench_uffd_fault(k, 500 if quick else 2000), False)
+    return out
+
+
+def format_results(results: list[Result]) -> str:
+    lines = [f"{'benchmark':<18} {'unit':<10} {'real':>12} {'fake':>12} {'fake/real':>10}  target            met"]
+    for r in results:
+        real = "-" if r.real is None else f"{r.real:,.2f}"
+        fake = "-" if r.fake is None else f"{r.fake:,.2f}"
+        ratio = "-" if r.ratio is None else f"{r.ratio:.2f}"
+        met = {True: "yes", False: "NO", None: "-"}[r.met]
+        lines.append(f"{r.name:<18} {r.unit:<10} {real:>12} {fake:>12} {ratio:>10}  {r.target:<17} {met}")
+        if r.note:
+            lines.append(f"  {r.note}")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    only = set(args.only.split(",")) if args.only else None
+    results = run_all(only, repeat=args.repeat, quick=args.quick)
+    if args.json:
+        data: list[dict[str, Any]] = [
+            {**asdict(r), "ratio": r.ratio, "met": r.met} for r in results
+        ]
+        sys.stdout.buffer.write(msgspec.json.format(msgspec.json.encode(data)) + b"\n")
+    else:
+        print(f"fakekvm bench: real kernel vs FakeKernel(profile={PROFILE!r}), median of {args.repeat}")
+        print(format_results(results))
+    return 0
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser("bench", help="run the same workloads on the real kernel and the fake, side by side")
+    p.add_argument("--only", help="comma-separated: check_extension,first_touch,uffd_fault")
+    p.add_argument("--repeat", type=int, default=3, help="repetitions per measurement (median)")
+    p.add_argument("--quick", action="store_true", help="smaller sizes (for smoke tests)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=run)
