@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 Handler = Callable[[argparse.Namespace], int]
 
 # Each module in tools/ named here provides add_parser(subparsers) and sets a handler.
-SUBCOMMANDS = ["doctor", "bench"]
+SUBCOMMANDS = ["doctor", "migrate", "bench"]
 
 
 def build_parser() -> argparse.ArgumentParser:

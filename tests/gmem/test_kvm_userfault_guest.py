@@ -148,3 +148,49 @@ def test_kvm_userfault_guest_unreadable_bitmap(guest: tuple[FakeKernel, GuestVM]
     assert ei.value.errno == errno.EFAULT
     # (v3 leaves exit_reason stale here; the fake reports the generic error-pfn exit)
     assert _memory_fault(g) == (K.KVM_EXIT_MEMORY_FAULT, 0, BASE, PAGE)
+
+
+def test_kvm_userfault_on_the_guests_page_tables_and_code(guest: tuple[FakeKernel, GuestVM]) -> None:
+    """Everything under KVM Userfault, page tables and code included (a post-copy start).
+
+    The vCPU's first access is the page walk's read of the PML4: that must exit
+    KVM_EXIT_MEMORY_FAULT (USERFAULT) with the page-table page's gpa, like any
+    other stage-2 fault, not fail as an emulation error. Regression: the walk's
+    own reads reported KVM_EXIT_INTERNAL_ERROR when a table page was not there yet.
+    """
+    k, g = guest
+    p = TouchParams(0x160000, 16 * PAGE, Pattern.SEQUENTIAL, write=True, seed=5)  # free system-area pages
+    g.load(toucher_image(BASE, p))
+    mem = g.memory
+    assert mem is not None
+    npages = BASE // PAGE
+    source = bytes(mem[:BASE])  # what the "source" holds
+    k.madvise(mem.address, BASE, mman.MADV_DONTNEED)  # the destination starts empty
+    bitmap = k.mmap(-1, PAGE, RW, mman.MAP_PRIVATE | mman.MAP_ANONYMOUS)
+    words = (ctypes.c_uint64 * (npages // 64)).from_address(bitmap.address)
+    for w in range(npages // 64):
+        words[w] = (1 << 64) - 1
+    buf = bytearray(KU.kvm_userspace_memory_region2_fmt.pack(
+        0, KU.KVM_MEM_USERFAULT, 0, BASE, mem.address, 0, 0, 0, bitmap.address))
+    k.ioctl(g.vm_fd, K.KVM_SET_USER_MEMORY_REGION2, buf)
+    faults: list[int] = []
+    for _ in range(npages + 1):
+        try:
+            r = g.run()
+            break
+        except OSError as e:
+            assert e.errno == errno.EFAULT, e
+            reason, flags, gpa, size = _memory_fault(g)
+            assert (reason, flags, size) == (K.KVM_EXIT_MEMORY_FAULT, KU.KVM_MEMORY_EXIT_FLAG_USERFAULT, PAGE)
+            i = gpa // PAGE
+            assert words[i // 64] >> (i % 64) & 1, f"fault on gpa {gpa:#x} whose bit is clear"
+            faults.append(gpa)
+            mem.view()[gpa : gpa + PAGE] = source[gpa : gpa + PAGE]
+            words[i // 64] &= ~(1 << (i % 64))
+    else:
+        pytest.fail("the guest never finished")
+    from fakekvm.guests import layout
+
+    assert faults[0] == layout.PML4_ADDR  # the walk's first read
+    assert layout.CODE_ADDR in faults and len(set(faults)) == len(faults)
+    assert r.reports[0] == p.npages

@@ -89,9 +89,12 @@ def test_private_fake_cc_vm_type_is_advertised(cc: tuple[FakeKernel, int]) -> No
     assert k.ioctl(kfd, K.KVM_CHECK_EXTENSION, K.KVM_CAP_VM_TYPES) & (1 << P.KVM_X86_FAKE_CC_VM)
     k.close(kfd)
     assert k.ioctl(v, K.KVM_CHECK_EXTENSION, K.KVM_CAP_MEMORY_ATTRIBUTES) == P.KVM_MEMORY_ATTRIBUTE_PRIVATE
-    assert k.ioctl(v, K.KVM_CHECK_EXTENSION, K.KVM_CAP_GUEST_MEMFD_FLAGS) == K.GUEST_MEMFD_FLAG_MMAP
-    assert S.gmem_res(k, v, 4 * PAGE, S.MMAP | S.INIT_SHARED) == "EINVAL"  # refused on private-memory VMs
+    # the fake type models in-place conversion: pages start shared (host-mappable)
+    want = K.GUEST_MEMFD_FLAG_MMAP | K.GUEST_MEMFD_FLAG_INIT_SHARED
+    assert k.ioctl(v, K.KVM_CHECK_EXTENSION, K.KVM_CAP_GUEST_MEMFD_FLAGS) == want
+    assert S.gmem_res(k, v, 4 * PAGE, S.MMAP | S.INIT_SHARED) == "fd"
     assert S.gmem_res(k, v, 4 * PAGE, S.MMAP) == "fd"
+    assert S.gmem_res(k, v, 4 * PAGE, 1 << 2) == "EINVAL"
 
 
 def _setup(k: FakeKernel, v: int, gmem_flags: int = 0) -> tuple[int, int, object]:

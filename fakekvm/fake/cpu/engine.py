@@ -77,7 +77,7 @@ from unicorn.x86_const import (
     UC_X86_REG_RIP,
 )
 
-from fakekvm.fake.cpu import interrupts, paging
+from fakekvm.fake.cpu import envview, interrupts, paging
 from fakekvm.fake.cpu.decode import PioInsn, decode_pio
 from fakekvm.fake.cpu.exits import (
     Exit,
@@ -89,6 +89,7 @@ from fakekvm.fake.cpu.exits import (
     MmioExit,
 )
 from fakekvm.fake.cpu.memory import (
+    KIND_FAULT,
     KIND_MMIO,
     KIND_RAM,
     GuestMemory,
@@ -97,7 +98,6 @@ from fakekvm.fake.cpu.memory import (
 from fakekvm.fake.cpu.memory import _PhysError as _PhysError
 from fakekvm.fake.cpu.state import (
     _REG_IDS,
-    MSR_EFER,
     CpuState,
     reset_regs,
     reset_sregs,
@@ -114,6 +114,7 @@ _RF = 1 << 16
 _STOP_RETRIES = 50
 #: code pages tracked for coherence; beyond this, every run() flushes all translations
 _CODE_TRACK_MAX = 64
+_I_CR0, _I_CR3, _I_CR4, _I_EFER, _I_CS = envview.I_CR0, envview.I_CR3, envview.I_CR4, envview.I_EFER, envview.I_CS
 
 class _Probe:
     """State of a one-instruction probe through the scratch MMIO page."""
@@ -156,6 +157,8 @@ class X86Cpu(CpuState, GuestMemory):
         self._regs_r = BatchReader(uc, _REG_IDS)
         self._regs_w = BatchWriter(uc, _REG_IDS)
         self._mode_r = BatchReader(uc, (UC_X86_REG_CR0, UC_X86_REG_CR3, UC_X86_REG_CR4, UC_X86_REG_CS))
+        #: QEMU's live CPUX86State: the fill hook reads CR0/3/4, EFER and CS from it in place
+        self._env = envview.env_view(uc)
         self._rip_r = BatchReader(uc, (UC_X86_REG_RIP,))
         self._hdr_r = BatchReader(uc, (UC_X86_REG_RFLAGS,))
         # guest RAM mapped into unicorn: slot base gpa -> (size, hva)
@@ -164,6 +167,10 @@ class X86Cpu(CpuState, GuestMemory):
         self._views: dict[int, tuple[memoryview, memoryview, memoryview]] = {}  # PT page -> u64/u32/u8 views
         self._pt_ok: set[int] = set()  # page-table pages translated for read
         self._pt_w_ok: set[int] = set()  # ... and for write (A/D updates dirty-logged)
+        # 4-level walks through a validated paging-structure cache (holds _views' views:
+        # cleared with them)
+        self._walker = paging.WalkCache(self._table64, self._set_pte_bits)
+        self._walk64 = self._walker.walk
         self._efer_cache = (-1, -1, 0)  # (cr0, cr4) -> efer
         self._unmapping = False
         self._rf_pending = False
@@ -190,16 +197,19 @@ class X86Cpu(CpuState, GuestMemory):
         self.tlb_fills = 0
 
     # ------------------------------------------------------------------ hooks
-    def _tlb_fill(self, vaddr: int, mtype: int, entry: TlbEntry) -> bool:
+    def _tlb_fill(self, _uc: int, vaddr: int, mtype: int, entry_p: ctypes._Pointer[TlbEntry], _ud: int) -> bool:
+        """UC_HOOK_TLB_FILL, called straight from C (uc_cb_tlbevent_t): fill ``entry_p`` or return False."""
         if self._unmapping:
             # mem_unmap invalidates the TBs of the range and asks for the
             # translation of its (physical) pages: answer identity
+            entry = entry_p.contents
             entry.paddr = vaddr
             entry.perms = UC_PROT_ALL
             return True
         if vaddr == _UNTIL_FILL:
             # unicorn invalidates the TB at the `until` address around each
             # emu_start; that lookup is not a guest access
+            entry = entry_p.contents
             entry.paddr = SCRATCH_PA
             entry.perms = UC_PROT_READ | UC_PROT_EXEC
             return True
@@ -211,25 +221,25 @@ class X86Cpu(CpuState, GuestMemory):
         fetch = mtype == UC_MEM_FETCH
         probe = self._probe
         if probe is not None and probe.vpage == vaddr:
+            entry = entry_p.contents
             entry.paddr = SCRATCH_PA
             entry.perms = UC_PROT_READ | UC_PROT_WRITE
             return True
-        cr0, cr3, cr4, cs = self._mode_r.read()
+        env = self._env
+        cr0 = env[_I_CR0]
         try:
             if cr0 & 0x8000_0000:
-                c0, c4, efer = self._efer_cache
-                if c0 != cr0 or c4 != cr4:
-                    efer = self.uc.msr_read(MSR_EFER)
-                    self._efer_cache = (cr0, cr4, efer)
+                efer = env[_I_EFER]
                 access = paging.ACC_WRITE if write else (paging.ACC_FETCH if fetch else paging.ACC_READ)
                 if efer & paging.EFER_LMA:
-                    gpa, prot = paging.walk64(
-                        vaddr, access, (cs & 3) == 3, cr0, cr3, cr4, efer, self._table64, self._set_pte_bits
+                    gpa, prot = self._walk64(
+                        vaddr, access, (env[_I_CS] & 3) == 3, cr0, env[_I_CR3], env[_I_CR4], efer
                     )
                 else:
                     gpa, prot = paging.walk(
-                        vaddr, access, (cs & 3) == 3, cr0, cr3, cr4, efer, self._read_pte, self._set_pte_bits
-                    )
+                        vaddr, access, (env[_I_CS] & 3) == 3, cr0, env[_I_CR3], env[_I_CR4], efer,
+                        self._read_pte, self._set_pte_bits,
+                    )  # fmt: skip
             else:
                 gpa, prot = vaddr, 7
         except paging.PageFault as pf:
@@ -237,13 +247,22 @@ class X86Cpu(CpuState, GuestMemory):
             self._fault = (vaddr, pf.error_code, fetch)
             return False
         except _PhysError as e:
-            self._reason = "phys"
-            self._fault = e
+            t = e.translation
+            if t is not None and t.kind == KIND_FAULT:
+                # the walk's own read of a page-table page took a stage-2 fault
+                # (KVM Userfault bit, private/shared mismatch): KVM exits with that
+                # page's gpa, as for any other access the vCPU makes
+                self._reason = "memfault"
+                self._fault = (e.gpa, t.fault_flags)
+            else:
+                self._reason = "phys"
+                self._fault = e
             return False
         t = self.translate(gpa, write, fetch)
         kind = t.kind
         if kind == KIND_RAM:
-            if t.slot_base_gpa not in self._mapped or self._mapped[t.slot_base_gpa] != (t.slot_size, t.slot_hva):
+            m = self._mapped.get(t.slot_base_gpa)
+            if m is None or m[1] != t.slot_hva or m[0] != t.slot_size:
                 self._ensure_mapped(t)
             perms = UC_PROT_READ
             if fetch and prot & 4:
@@ -258,6 +277,7 @@ class X86Cpu(CpuState, GuestMemory):
                         pages.add(gpa)
             if prot & 2 and t.writable:
                 perms |= UC_PROT_WRITE
+            entry = entry_p.contents
             entry.paddr = gpa
             entry.perms = perms
             return True
@@ -391,6 +411,7 @@ class X86Cpu(CpuState, GuestMemory):
             # translated code is keyed by guest-physical address, so drop it too
             self.uc.ctl_flush_tb()
             self._views.clear()
+            self._walker.clear()
             self._pt_ok.clear()
             self._pt_w_ok.clear()
             self._flush_tlb()

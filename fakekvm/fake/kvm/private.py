@@ -131,7 +131,9 @@ def with_fake_cc(profile: Profile) -> Profile:
     """``profile`` plus `KVM_X86_FAKE_CC_VM` (answers like a SW_PROTECTED VM of that profile).
 
     Private memory, ``KVM_CAP_MEMORY_ATTRIBUTES`` = PRIVATE, guest_memfd flags
-    MMAP only (INIT_SHARED is refused for private-memory VMs), one address
+    MMAP|INIT_SHARED (modelling the in-place conversion series: pages start shared
+    and host-mappable, and keep their contents when converted; mainline 6.18 refuses
+    INIT_SHARED on private-memory VMs — the fake type is not mainline), one address
     space, and bit 16 in ``KVM_CAP_VM_TYPES``.
     """
     from fakekvm.fake import profiles as P
@@ -145,7 +147,7 @@ def with_fake_cc(profile: Profile) -> Profile:
     cc = dict(profile.vm_cap_overrides.get(base_vm, {}))
     cc.update({
         P.KVM_CAP_MEMORY_ATTRIBUTES: KVM_MEMORY_ATTRIBUTE_PRIVATE,
-        P.KVM_CAP_GUEST_MEMFD_FLAGS: P.GUEST_MEMFD_FLAG_MMAP,
+        P.KVM_CAP_GUEST_MEMFD_FLAGS: P.GUEST_MEMFD_FLAG_MMAP | P.GUEST_MEMFD_FLAG_INIT_SHARED,
         P.KVM_CAP_MULTI_ADDRESS_SPACE: 1,
     })
     over[t] = MappingProxyType(cc)
