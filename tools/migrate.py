@@ -44,7 +44,12 @@ def parse_size(text: str) -> int:
 def add_parser(sub: Any) -> None:
     p = sub.add_parser("migrate", help="post-copy migrate a guest and print the statistics")
     p.add_argument("--kernel", choices=("real", "fake"), default="real")
-    p.add_argument("--profile", default=None, help="FakeKernel profile (with --kernel fake)")
+    p.add_argument(
+        "--profile",
+        default=None,
+        help="FakeKernel profile (with --kernel fake); default: the first that has the "
+        f"mechanism ({', '.join(f'{m}: {q}' for m, q in DEFAULT_FAKE_PROFILE.items())})",
+    )
     p.add_argument("--mechanism", choices=MECHANISMS, default="uffd-missing")
     p.add_argument("--mem", type=parse_size, default=parse_size("512M"), help="guest memory")
     p.add_argument("--vcpus", type=int, default=1)
@@ -79,13 +84,26 @@ class _Bar:
         sys.stderr.flush()
 
 
+#: the fake profile a mechanism needs when --profile is not given (this host's answers
+#: where the mechanism exists on it; the proposal/fake-type profiles otherwise)
+DEFAULT_FAKE_PROFILE = {
+    "uffd-missing": "6.18-pvm",
+    "uffd-minor": "6.18-pvm",
+    "kvm-userfault": "6.18+kvm-userfault",
+    "gmem-private": "6.18+fake-cc",
+}
+
+
 def run(args: argparse.Namespace) -> int:
     if args.vcpus < 1:
         print("fakekvm migrate: --vcpus must be at least 1", file=sys.stderr)
         return 2
+    profile = args.profile
+    if args.kernel == "fake" and profile is None:
+        profile = DEFAULT_FAKE_PROFILE[args.mechanism]
     o = MigrateOptions(
         kernel=args.kernel,
-        profile=args.profile,
+        profile=profile,
         mechanism=args.mechanism,
         mem_size=args.mem,
         vcpus=args.vcpus,

@@ -89,3 +89,18 @@ def test_mismatch_exit_status(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(cli, "migrate", boom)
     a = _parser().parse_args(["migrate", "--mem", "8M"])
     assert a.handler(a) == 1
+
+
+@pytest.mark.parametrize("mechanism", ["kvm-userfault", "gmem-private"])
+def test_fake_picks_a_profile_that_has_the_mechanism(
+    mechanism: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Without --profile, --kernel fake uses the profile where the mechanism exists."""
+    a = _parser().parse_args(
+        ["migrate", "--kernel", "fake", "--mechanism", mechanism, "--mem", "4M",
+         "--workload", "verify", "--same-process", "--json"]
+    )  # fmt: skip
+    assert a.handler(a) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["status"] == "completed" and d["mechanism"] == mechanism
+    assert d["pages-demand"] + d["pages-background"] - d["pages-duplicate"] == 4 << 8
