@@ -343,7 +343,7 @@ PROFILES: Mapping[str, Profile] = MappingProxyType(
 
 #: Profiles with the fake confidential VM type (`fakekvm.fake.kvm.private.KVM_X86_FAKE_CC_VM`)
 #: added: NOT a real kernel; they exist so private/shared conversion faults can be
-#: exercised (see docs/private-memory.md). Built on first use.
+#: exercised (see docs/fake-kernel.md, "Private memory"). Built on first use.
 FAKE_CC_PROFILES: Mapping[str, str] = MappingProxyType(
     {"6.18+fake-cc": "6.18", "6.18+kvm-userfault+fake-cc": "6.18+kvm-userfault"}
 )
