@@ -45,6 +45,7 @@ import os
 import select
 import threading
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
@@ -108,6 +109,15 @@ def _reserve_fd() -> int:
     return os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
 
 
+def _close_fds(fds: set[int]) -> None:
+    for fd in list(fds):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    fds.clear()
+
+
 class FakeKernel(Kernel):
     """The fake kernel. See the module docstring for the fd rules."""
 
@@ -132,6 +142,10 @@ class FakeKernel(Kernel):
         self.waits = WaitDomain(f"fake:{profile}", scheduler=scheduler, watchdog_s=watchdog_s)
         self.mm = MM(self) if arena_size is None else MM(self, arena_size=arena_size)
         self._files: dict[int, FakeFile] = {}
+        # the reservation fds, as plain ints, so that a kernel dropped without shutdown()
+        # still gives its fd numbers back when it is garbage-collected
+        self._reserved: set[int] = set()
+        self._finalizer = weakref.finalize(self, _close_fds, self._reserved)
         self._cloexec: set[int] = set()
         self._fd_lock = threading.Lock()
         self._real = RealKernel()
@@ -172,6 +186,7 @@ class FakeKernel(Kernel):
             file.f_flags |= mman.O_NONBLOCK
         with self._fd_lock:
             self._files[fd] = file
+            self._reserved.add(fd)
             if flags & mman.O_CLOEXEC:
                 self._cloexec.add(fd)
         return fd
@@ -227,6 +242,7 @@ class FakeKernel(Kernel):
         with self._fd_lock:
             f = self._files.pop(fd, None)
             self._cloexec.discard(fd)
+            self._reserved.discard(fd)
         if f is None:
             os.close(fd)
             return
@@ -460,6 +476,7 @@ class FakeKernel(Kernel):
             files = list(self._files.items())
             self._files.clear()
             self._cloexec.clear()
+            self._reserved.clear()
         for fd, f in files:
             try:
                 os.close(fd)

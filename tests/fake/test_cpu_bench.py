@@ -57,3 +57,29 @@ def test_first_touch_pages(benchmark: Any) -> None:
     assert ex == HltExit()
     assert cpu.tlb_fills >= NPAGES
     assert mem.read(0x400000 + (NPAGES - 1) * 4096, 1) == b"\x01"
+
+
+def test_fake_kernel_first_touch_one_fill_per_page_and_one_cache_entry_per_2m(benchmark: Any) -> None:
+    """The bench's workload (toucher, sequential writes) on FakeKernel: every page is
+    touched and becomes present in the mm, with one TLB fill each, and the walk cache
+    holds one entry per 2 MiB guest page touched (the guest library maps data with 2 MiB pages)."""
+    from fakekvm.fake import FakeKernel
+    from fakekvm.guests import GuestVM, Pattern, TouchParams, layout, toucher_image
+
+    size = 4 << 20
+    mem_size = layout.DATA_BASE + size
+    p = TouchParams(layout.DATA_BASE, size, Pattern.SEQUENTIAL, write=True, seed=1)
+    k = FakeKernel(profile="6.18-pvm")
+    try:
+        with GuestVM(k, mem_size) as vm:
+            vm.load(toucher_image(mem_size, p))
+            cpu = k.file(vm.vcpu_fds[0]).cpu  # type: ignore[attr-defined]
+            r = benchmark.pedantic(vm.run, rounds=1, iterations=1)
+            assert r.reports[0] == p.npages
+            assert p.npages <= cpu.tlb_fills <= p.npages + 64  # + code, stack, tables, ports
+            assert len(cpu._walker) <= size // (2 << 20) + 2
+            assert vm.memory is not None
+            base = vm.memory.address + layout.DATA_BASE
+            assert all(k.mm.present.test((base >> 12) + i) for i in range(p.npages))
+    finally:
+        k.shutdown()

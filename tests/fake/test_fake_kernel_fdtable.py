@@ -282,3 +282,16 @@ def test_shutdown_wakes_a_poll_on_real_and_fake_fds() -> None:
     finally:
         os.close(r)
         os.close(w)
+
+
+def test_a_dropped_kernel_gives_its_fd_numbers_back() -> None:
+    import gc
+
+    k = FakeKernel()
+    fds = [k.eventfd(0) for _ in range(3)]
+    del k
+    gc.collect()
+    for fd in fds:
+        with pytest.raises(OSError) as ei:
+            os.fstat(fd)
+        assert ei.value.errno == errno.EBADF

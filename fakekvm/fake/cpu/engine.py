@@ -13,7 +13,11 @@ How it sits on unicorn (facts measured on unicorn 2.1.4):
   linear page the hook walks the guest page tables, asks the second stage
   (``translate(gpa, write, exec_)``, e.g. ``FakeVm.translate``) for the host
   page, and returns (gpa, perms). Guest RAM is each memslot's host memory,
-  mapped once with ``mem_map_ptr`` (zero copy).
+  mapped once with ``mem_map_ptr`` (zero copy). The hook is the first-touch hot
+  path: it is registered without a wrapper (:mod:`~fakekvm.fake.cpu.uc_raw`),
+  reads CR0/CR3/CR4/EFER/CS in place from QEMU's ``CPUX86State``
+  (:mod:`~fakekvm.fake.cpu.envview`) and walks through a paging-structure cache
+  validated on every hit (:class:`~fakekvm.fake.cpu.paging.WalkCache`).
 * Unicorn never delivers exceptions to the guest: ``UC_HOOK_INTR`` catches them
   and the engine delivers them itself.
 * A hook calling ``emu_stop`` stops only at the end of the translation block,
@@ -111,10 +115,10 @@ _UNTIL_FILL = (_UNTIL - 1) & ~0xFFF
 _COUNT = 1 << 62
 _PAGE = 0x1000
 _RF = 1 << 16
-_STOP_RETRIES = 50
 #: code pages tracked for coherence; beyond this, every run() flushes all translations
 _CODE_TRACK_MAX = 64
 _I_CR0, _I_CR3, _I_CR4, _I_EFER, _I_CS = envview.I_CR0, envview.I_CR3, envview.I_CR4, envview.I_EFER, envview.I_CS
+_ACC_READ, _ACC_WRITE, _ACC_FETCH, _EFER_LMA = paging.ACC_READ, paging.ACC_WRITE, paging.ACC_FETCH, paging.EFER_LMA
 
 class _Probe:
     """State of a one-instruction probe through the scratch MMIO page."""
@@ -179,6 +183,8 @@ class X86Cpu(CpuState, GuestMemory):
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
         self._in_emu = False
+        self._in_hook = False  # the vCPU thread is inside a hook that may block
+        self._emu_thread = 0  # threading.get_ident() of the thread in emu_start
         self._kick = False
         self._req_remap = False
         self._req_flush = False
@@ -225,69 +231,74 @@ class X86Cpu(CpuState, GuestMemory):
             entry.paddr = SCRATCH_PA
             entry.perms = UC_PROT_READ | UC_PROT_WRITE
             return True
-        env = self._env
-        cr0 = env[_I_CR0]
+        # the walk and translate may block (userfaultfd, mmu_lock): `_request` must know
+        self._in_hook = True
         try:
-            if cr0 & 0x8000_0000:
-                efer = env[_I_EFER]
-                access = paging.ACC_WRITE if write else (paging.ACC_FETCH if fetch else paging.ACC_READ)
-                if efer & paging.EFER_LMA:
-                    gpa, prot = self._walk64(
-                        vaddr, access, (env[_I_CS] & 3) == 3, cr0, env[_I_CR3], env[_I_CR4], efer
-                    )
-                else:
-                    gpa, prot = paging.walk(
-                        vaddr, access, (env[_I_CS] & 3) == 3, cr0, env[_I_CR3], env[_I_CR4], efer,
-                        self._read_pte, self._set_pte_bits,
-                    )  # fmt: skip
-            else:
-                gpa, prot = vaddr, 7
-        except paging.PageFault as pf:
-            self._reason = "pf"
-            self._fault = (vaddr, pf.error_code, fetch)
-            return False
-        except _PhysError as e:
-            t = e.translation
-            if t is not None and t.kind == KIND_FAULT:
-                # the walk's own read of a page-table page took a stage-2 fault
-                # (KVM Userfault bit, private/shared mismatch): KVM exits with that
-                # page's gpa, as for any other access the vCPU makes
-                self._reason = "memfault"
-                self._fault = (e.gpa, t.fault_flags)
-            else:
-                self._reason = "phys"
-                self._fault = e
-            return False
-        t = self.translate(gpa, write, fetch)
-        kind = t.kind
-        if kind == KIND_RAM:
-            m = self._mapped.get(t.slot_base_gpa)
-            if m is None or m[1] != t.slot_hva or m[0] != t.slot_size:
-                self._ensure_mapped(t)
-            perms = UC_PROT_READ
-            if fetch and prot & 4:
-                # execute permission only from a fetch fill, so every page code
-                # is translated from passes here and is tracked for coherence
-                perms |= UC_PROT_EXEC
-                pages = self._code_pages
-                if gpa not in pages:
-                    if len(pages) >= _CODE_TRACK_MAX:
-                        self._code_overflow = True
+            env = self._env
+            cr0 = env[_I_CR0]
+            try:
+                if cr0 & 0x8000_0000:
+                    efer = env[_I_EFER]
+                    access = _ACC_WRITE if write else (_ACC_FETCH if fetch else _ACC_READ)
+                    if efer & _EFER_LMA:
+                        gpa, prot = self._walk64(
+                            vaddr, access, (env[_I_CS] & 3) == 3, cr0, env[_I_CR3], env[_I_CR4], efer
+                        )
                     else:
-                        pages.add(gpa)
-            if prot & 2 and t.writable:
-                perms |= UC_PROT_WRITE
-            entry = entry_p.contents
-            entry.paddr = gpa
-            entry.perms = perms
-            return True
-        if kind == KIND_MMIO:
-            self._reason = "fetch_mmio" if fetch else "mmio"
-            self._fault = (vaddr, gpa)
-        else:
-            self._reason = "memfault"
-            self._fault = (gpa, t.fault_flags)
-        return False
+                        gpa, prot = paging.walk(
+                            vaddr, access, (env[_I_CS] & 3) == 3, cr0, env[_I_CR3], env[_I_CR4], efer,
+                            self._read_pte, self._set_pte_bits,
+                        )  # fmt: skip
+                else:
+                    gpa, prot = vaddr, 7
+            except paging.PageFault as pf:
+                self._reason = "pf"
+                self._fault = (vaddr, pf.error_code, fetch)
+                return False
+            except _PhysError as e:
+                t = e.translation
+                if t is not None and t.kind == KIND_FAULT:
+                    # the walk's own read of a page-table page took a stage-2 fault
+                    # (KVM Userfault bit, private/shared mismatch): KVM exits with that
+                    # page's gpa, as for any other access the vCPU makes
+                    self._reason = "memfault"
+                    self._fault = (e.gpa, t.fault_flags)
+                else:
+                    self._reason = "phys"
+                    self._fault = e
+                return False
+            t = self.translate(gpa, write, fetch)
+            kind = t.kind
+            if kind == KIND_RAM:
+                m = self._mapped.get(t.slot_base_gpa)
+                if m is None or m[1] != t.slot_hva or m[0] != t.slot_size:
+                    self._ensure_mapped(t)
+                perms = UC_PROT_READ
+                if fetch and prot & 4:
+                    # execute permission only from a fetch fill, so every page code
+                    # is translated from passes here and is tracked for coherence
+                    perms |= UC_PROT_EXEC
+                    pages = self._code_pages
+                    if gpa not in pages:
+                        if len(pages) >= _CODE_TRACK_MAX:
+                            self._code_overflow = True
+                        else:
+                            pages.add(gpa)
+                if prot & 2 and t.writable:
+                    perms |= UC_PROT_WRITE
+                entry = entry_p.contents
+                entry.paddr = gpa
+                entry.perms = perms
+                return True
+            if kind == KIND_MMIO:
+                self._reason = "fetch_mmio" if fetch else "mmio"
+                self._fault = (vaddr, gpa)
+            else:
+                self._reason = "memfault"
+                self._fault = (gpa, t.fault_flags)
+            return False
+        finally:
+            self._in_hook = False
 
     def _hook_out(self, uc: Uc, port: int, size: int, value: int, _ud: Any) -> None:
         if self._probe is not None:
@@ -298,6 +309,13 @@ class X86Cpu(CpuState, GuestMemory):
         uc.emu_stop()
 
     def _hook_in(self, uc: Uc, port: int, size: int, _ud: Any) -> int:
+        self._in_hook = True  # decoding reads guest memory: may block like a fill
+        try:
+            return self._hook_in_body(uc, port, size)
+        finally:
+            self._in_hook = False
+
+    def _hook_in_body(self, uc: Uc, port: int, size: int) -> int:
         vals = self._regs_r.read()
         rip = vals[16]
         insn = self._decode_pio(rip)
@@ -387,17 +405,22 @@ class X86Cpu(CpuState, GuestMemory):
                 self._req_flush = True
             if not self._in_emu:
                 return
+            if threading.get_ident() == self._emu_thread:
+                self.uc.emu_stop()  # from the vCPU's own hook: emulation is running
+                return
             gen = self._stop_gen
-            for _ in range(_STOP_RETRIES):
-                if not self._in_emu or self._stop_gen != gen:
-                    break
+            while self._in_emu and self._stop_gen == gen:
+                # emu_stop is lost if it lands before emu_start has started emulating
+                # (unicorn resets its stop flags there): retry until the vCPU has left
+                # emu_start. The vCPU cannot leave it without this lock, which the wait
+                # releases. If the vCPU is inside a hook (possibly waiting for a lock
+                # the caller holds: translate -> mmu_lock), emulation is running, so
+                # this emu_stop is registered and takes effect when the hook returns,
+                # before the next guest instruction (the count hook checks it per insn).
+                in_hook = self._in_hook
                 self.uc.emu_stop()
-                # emu_stop is lost if it lands before emu_start has reset its
-                # stop flag: retry until the vCPU has left emu_start. Bounded,
-                # because the vCPU may be inside a hook waiting for a lock the
-                # caller holds (translate -> mmu_lock); the stop request is then
-                # already registered and takes effect when the hook returns, before
-                # the next guest instruction (the count hook checks it per insn).
+                if in_hook:
+                    break
                 self._cond.wait(0.001)
 
     def _service_requests(self) -> None:
@@ -424,6 +447,7 @@ class X86Cpu(CpuState, GuestMemory):
         with self._cond:
             self._service_requests()
             self._in_emu = True
+            self._emu_thread = threading.get_ident()
         try:
             self.uc.emu_start(rip, _UNTIL, 0, count)
         except UcError as e:

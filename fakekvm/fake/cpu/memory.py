@@ -17,8 +17,7 @@ from typing import Any, Protocol
 
 from unicorn.unicorn_const import UC_PROT_ALL
 
-from fakekvm.fake.cpu import layout, paging
-from fakekvm.fake.cpu.state import MSR_EFER
+from fakekvm.fake.cpu import envview, layout, paging
 from fakekvm.fake.cpu.uc_raw import BatchReader
 
 _PAGE = 0x1000
@@ -59,11 +58,13 @@ class GuestMemory:
     uc: Any
     translate: Translate
     _mode_r: BatchReader
+    _env: memoryview  # live CPUX86State (fakekvm.fake.cpu.envview)
     _rip_r: BatchReader
     _efer_cache: tuple[int, int, int]
     _mapped: dict[int, tuple[int, int]]
     _slots_sorted: list[tuple[int, int, int]]
     _views: dict[int, tuple[memoryview, memoryview, memoryview]]
+    _walker: paging.WalkCache
     _pt_ok: set[int]
     _pt_w_ok: set[int]
     _unmapping: bool
@@ -76,13 +77,10 @@ class GuestMemory:
 
     def _mode(self) -> tuple[int, int, int, int, int]:
         """(cr0, cr3, cr4, efer, cpl) right now."""
-        cr0, cr3, cr4, cs = self._mode_r.read()
-        c0, c4, efer = self._efer_cache
-        if c0 != cr0 or c4 != cr4:
-            efer = self.uc.msr_read(MSR_EFER)
-            self._efer_cache = (cr0, cr4, efer)
-        cpl = cs & 3 if cr0 & 1 else 0
-        return cr0, cr3, cr4, efer, cpl
+        env = self._env
+        cr0 = env[envview.I_CR0]
+        cpl = env[envview.I_CS] & 3 if cr0 & 1 else 0
+        return cr0, env[envview.I_CR3], env[envview.I_CR4], env[envview.I_EFER], cpl
 
     def _slot_of(self, gpa: int) -> tuple[int, int, int] | None:
         for base, size, hva in self._slots_sorted:
@@ -101,6 +99,7 @@ class GuestMemory:
                 self._mem_unmap(b, sz)
                 del self._mapped[b]
                 self._views.clear()
+                self._walker.clear()
         self.uc.mem_map_ptr(base, t.slot_size, UC_PROT_ALL, t.slot_hva)
         self._mapped[base] = (t.slot_size, t.slot_hva)
         self._slots_sorted = sorted((b, sz, hv) for b, (sz, hv) in self._mapped.items())
@@ -118,6 +117,7 @@ class GuestMemory:
         self._mapped.clear()
         self._slots_sorted = []
         self._views.clear()
+        self._walker.clear()
         self._pt_ok.clear()
         self._pt_w_ok.clear()
 
@@ -205,8 +205,8 @@ class GuestMemory:
     def code_size(self) -> int:
         """2, 4 or 8: the default operand size of the current code segment."""
         _sel, _base, _limit, flags = self.segment("cs")
-        cr0 = self._mode_r.read()[0]
-        efer = self.uc.msr_read(MSR_EFER)
+        cr0 = self._env[envview.I_CR0]
+        efer = self._env[envview.I_EFER]
         if efer & paging.EFER_LMA and flags & layout.DESC_L_MASK:
             return 8
         if cr0 & 1 and flags & layout.DESC_B_MASK:

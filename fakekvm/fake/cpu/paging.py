@@ -231,3 +231,138 @@ def walk64(
     if (allow_w or (not user and not cr0 & CR0_WP)) and (write or leaf & _D):
         prot |= PROT_W
     return frame, prot
+
+
+# bits of WalkCache's accumulated permissions
+_AW = 1  # every level allows writes
+_AU = 2  # every level allows user access
+_AX = 4  # no level has NX (with EFER.NXE)
+_PA = _P | _A
+_LARGE = 0x1F_F000  # the 4 KiB frame inside a 2 MiB chunk
+
+
+def _allow(e: int, nxe: int) -> int:
+    a = 0
+    if e & _RW:
+        a |= _AW
+    if e & _US:
+        a |= _AU
+    if not (nxe and e & _NX):
+        a |= _AX
+    return a
+
+
+class WalkCache:
+    """:func:`walk64` with a paging-structure cache (SDM vol. 3A §4.10.3), validated on every hit.
+
+    One entry per 2 MiB of linear space: the PML4E, PDPTE and PDE that the walk
+    read (where they are and their values), the page table they lead to (or the
+    large leaf's frame) and the permissions accumulated above the PTE. A hit
+    re-reads those entries and uses the entry only if all are unchanged, present,
+    and already Accessed (and the leaf Dirty for a write), i.e. exactly when
+    :func:`walk64` would read the same values and write nothing; anything else
+    takes the full :func:`walk64`. So the result never differs from a fresh walk
+    (a real CPU may even use stale entries until INVLPG/CR3 writes: this does not).
+    The cache is keyed by (CR0, CR3, CR4, EFER) and must be cleared whenever the
+    ``table_view`` views may become invalid (page-table pages remapped).
+    """
+
+    __slots__ = ("_map", "_tag", "max_entries", "set_bits", "table_view")
+
+    def __init__(self, table_view: Callable[[int], Any], set_bits: SetBits, max_entries: int = 8192) -> None:
+        self.table_view = table_view
+        self.set_bits = set_bits
+        #: entries kept before the cache starts over (bounds memory on huge guests)
+        self.max_entries = max_entries
+        self._map: dict[int, tuple[Any, ...]] = {}
+        self._tag: tuple[int, int, int, int] = (-1, -1, -1, -1)
+
+    def clear(self) -> None:
+        self._map.clear()
+
+    def __len__(self) -> int:
+        return len(self._map)
+
+    def walk(
+        self, vaddr: int, access: int, user: bool, cr0: int, cr3: int, cr4: int, efer: int
+    ) -> tuple[int, int]:
+        """Same contract as :func:`walk64` (raises :class:`PageFault`)."""
+        if cr3 != self._tag[1] or (cr0, cr3, cr4, efer) != self._tag:
+            self._map.clear()
+            self._tag = (cr0, cr3, cr4, efer)
+        key = vaddr >> 21
+        ent = self._map.get(key)
+        if ent is not None:
+            v4, i4, e4, v3, i3, e3, v2, i2, e2, pt, base, acc, protab = ent
+            if v4[i4] == e4 and v3[i3] == e3 and v2[i2] == e2:
+                if pt is None:
+                    # large leaf: the permissions of each (access, user) are precomputed
+                    prot = protab[access + 3 if user else access]
+                    if prot >= 0:
+                        return base | (vaddr & _LARGE), prot
+                else:
+                    leaf = pt[(vaddr >> 12) & 511]
+                    if leaf & _PA == _PA and (access != ACC_WRITE or leaf & _D):
+                        prot = _finish(acc & _allow(leaf, efer & EFER_NXE), leaf, access, user, cr0, cr4)
+                        if prot >= 0:
+                            return leaf & ADDR_MASK, prot
+        frame, prot = walk64(vaddr, access, user, cr0, cr3, cr4, efer, self.table_view, self.set_bits)
+        self._fill(key, vaddr, cr0, cr3, cr4, efer)
+        return frame, prot
+
+    def _fill(self, key: int, vaddr: int, cr0: int, cr3: int, cr4: int, efer: int) -> None:
+        """Remember the upper levels of the walk just done (values after its A/D updates)."""
+        tv = self.table_view
+        nxe = efer & EFER_NXE
+        v4 = tv(cr3 & ADDR_MASK)
+        i4 = (vaddr >> 39) & 511
+        e4 = v4[i4]
+        v3 = tv(e4 & ADDR_MASK)
+        i3 = (vaddr >> 30) & 511
+        e3 = v3[i3]
+        acc = _allow(e4, nxe) & _allow(e3, nxe)
+        if e3 & _PS:
+            # 1 GiB leaf: the PDE slot repeats the PDPTE check
+            v2, i2, e2, pt, base = v3, i3, e3, None, (e3 & ADDR_MASK & ~0x3FFF_FFFF) | (vaddr & 0x3FE0_0000)
+        else:
+            v2 = tv(e3 & ADDR_MASK)
+            i2 = (vaddr >> 21) & 511
+            e2 = v2[i2]
+            acc &= _allow(e2, nxe)
+            if e2 & _PS:
+                pt, base = None, e2 & ADDR_MASK & ~0x1F_FFFF
+            else:
+                pt, base = tv(e2 & ADDR_MASK), 0
+        if not (e4 & _A and e3 & _A and e2 & _A):
+            return  # cannot happen after a successful walk; never cache a walk that must write
+        protab: tuple[int, ...] = ()
+        if pt is None:
+            # index access + 3 * user; -1: the full walk (a fault, or D to set)
+            protab = tuple(
+                -1 if a == ACC_WRITE and not e2 & _D else _finish(acc, e2, a, u, cr0, cr4)
+                for u in (False, True)
+                for a in (ACC_READ, ACC_WRITE, ACC_FETCH)
+            )
+        m = self._map
+        if len(m) >= self.max_entries:
+            m.clear()
+        m[key] = (v4, i4, e4, v3, i3, e3, v2, i2, e2, pt, base, acc, protab)
+
+
+def _finish(acc: int, leaf: int, access: int, user: bool, cr0: int, cr4: int) -> int:
+    """walk64's permission checks and TLB permissions from the accumulated ones; -1: would fault."""
+    allow_u = acc & _AU
+    smep_blocks = not user and allow_u and cr4 & CR4_SMEP
+    if user and not allow_u:
+        return -1
+    if access == ACC_WRITE:
+        if not acc & _AW and (user or cr0 & CR0_WP):
+            return -1
+    elif access == ACC_FETCH and (not acc & _AX or smep_blocks):
+        return -1
+    prot = PROT_R
+    if acc & _AX and not smep_blocks:
+        prot |= PROT_X
+    if (acc & _AW or (not user and not cr0 & CR0_WP)) and (access == ACC_WRITE or leaf & _D):
+        prot |= PROT_W
+    return prot

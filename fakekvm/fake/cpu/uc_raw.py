@@ -26,13 +26,17 @@ TLB_FILL_CFUNC = ctypes.CFUNCTYPE(
 )
 
 
-def hook_tlb_fill(uc: Uc, fn: Callable[[int, int, TlbEntry], bool]) -> object:
-    """Install ``fn(vaddr, mem_type, entry) -> bool`` as the TLB-fill hook; returns the keep-alive pointer."""
+#: ``(uc, vaddr, mem_type, entry, user_data) -> bool``, called straight from C
+TlbFillFn = Callable[[int, int, int, "ctypes._Pointer[TlbEntry]", int], bool]
 
-    def cb(_uc: int, vaddr: int, mtype: int, entry: ctypes._Pointer[TlbEntry], _ud: int) -> bool:
-        return fn(vaddr, mtype, entry.contents)
 
-    fptr = TLB_FILL_CFUNC(cb)
+def hook_tlb_fill(uc: Uc, fn: TlbFillFn) -> object:
+    """Install ``fn`` as the TLB-fill hook (no wrapper frame); returns the keep-alive pointer.
+
+    ``fn`` fills ``entry.contents`` (paddr, perms) and returns True, or returns False
+    for "no translation" (unicorn then raises the access as unmapped).
+    """
+    fptr = TLB_FILL_CFUNC(fn)
     h = ctypes.c_size_t()
     status = uclib.uc_hook_add(
         uc._uch, ctypes.byref(h), UC_HOOK_TLB_FILL, fptr, None, ctypes.c_uint64(1), ctypes.c_uint64(0)

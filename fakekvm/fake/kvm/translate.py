@@ -26,6 +26,8 @@ page read-only and come back on a write.
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
+from functools import partial
 from typing import TYPE_CHECKING, NamedTuple
 
 from fakekvm.abi.mman import PROT_WRITE
@@ -61,10 +63,16 @@ class Translation(NamedTuple):
 
 
 def _faulter(vcpu: object) -> Faulter | None:
-    """The `Faulter` for the mm (uffd_msg ptid): the vCPU's own ``faulter`` if it has one."""
+    """The `Faulter` for the mm (uffd_msg ptid): the vCPU's own ``faulter`` if it has one.
+
+    ``FakeVcpu`` sets ``faulter`` (its KVM_RUN thread) for the duration of KVM_RUN, so
+    the TLB-fill path allocates nothing; outside KVM_RUN one is made for the caller.
+    """
+    f = getattr(vcpu, "faulter", None)
+    if f.__class__ is Faulter:
+        return f
     if vcpu is None or isinstance(vcpu, Faulter):
         return vcpu
-    f = getattr(vcpu, "faulter", None)
     if isinstance(f, Faulter):
         return f
     return Faulter(vcpu=getattr(vcpu, "vcpu_id", None), kind="vcpu")
@@ -82,12 +90,24 @@ def _mmio(gpa: int) -> Translation:
 
 def translate(vm: FakeVm, gpa: int, write: bool, exec_: bool, vcpu: object) -> Translation:
     """Resolve a vCPU access (address space 0; SMM is not modelled)."""
+    return _translate(vm, vcpu, gpa, write, exec_)
+
+
+def for_vcpu(vm: FakeVm, vcpu: object) -> Callable[[int, bool, bool], Translation]:
+    """``translate`` bound to one vCPU, as the engine calls it: ``(gpa, write, exec_)``.
+
+    A positional ``partial`` (no Python frame of its own) on the TLB-fill hot path.
+    """
+    return partial(_translate, vm, vcpu)
+
+
+def _translate(vm: FakeVm, vcpu: object, gpa: int, write: bool, exec_: bool) -> Translation:
     pre = vm.pre_translate
     if pre is not None:
         # private/shared attributes, gmem-only slots, KVM Userfault (fakekvm.fake.kvm.private)
         t, gpa = pre(vm, gpa, write, exec_, vcpu)
         if t is not None:
-            return t  # type: ignore[no-any-return]
+            return t
     gpa &= PAGE_MASK
     gfn = gpa >> PAGE_SHIFT
     slot = vm.spaces[0].lookup(gfn)
@@ -101,7 +121,10 @@ def translate(vm: FakeVm, gpa: int, write: bool, exec_: bool, vcpu: object) -> T
     hva = slot_hva + (gpa - base_gpa)
     slot_size = slot.npages << PAGE_SHIFT
     mm = vm.kernel.mm
-    res = mm.fault(hva, write, user=False, who=_faulter(vcpu))
+    who = getattr(vcpu, "faulter", None)
+    if who.__class__ is not Faulter:
+        who = _faulter(vcpu)
+    res = mm.fault(hva, write, user=False, who=who)
     if res:  # FaultResult.SIGSEGV / SIGBUS: hva_to_pfn found no usable page
         if vm.bad_hva_mmio:
             return _mmio(gpa)

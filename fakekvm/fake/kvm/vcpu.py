@@ -38,6 +38,7 @@ import errno
 import mmap
 import os
 import struct
+import threading
 from typing import TYPE_CHECKING, Any
 
 from fakekvm.abi import kvm as K
@@ -53,8 +54,10 @@ from fakekvm.fake.cpu import (
     X86Cpu,
 )
 from fakekvm.fake.files import FakeFile
+from fakekvm.fake.kvm.translate import for_vcpu
 from fakekvm.fake.kvm.vm import copy_to_user, read_arg
 from fakekvm.fake.mm import hostmem
+from fakekvm.fake.mm.fault import Faulter
 from fakekvm.fake.waits import WaitQueue
 from fakekvm.kernel.mapping import Mapping, make_mapping
 from fakekvm.kernel.seam import IoctlArg
@@ -118,8 +121,16 @@ class FakeVcpu(FakeFile):
         self._released = False
         profile = getattr(vm, "profile", None)
         pvm = bool(getattr(profile, "internal_error_on_int3_without_idt", True))
-        self.cpu = X86Cpu(self._translate, pvm_emulation=pvm)
-        self.cpu.on_emulation_arm = self._emulation_arm
+        #: who faults while this vCPU runs (uffd_msg ptid): set for the duration of KVM_RUN,
+        #: for the thread running it (`fakekvm.fake.kvm.translate._faulter`)
+        self.faulter: Faulter | None = None
+        self._faulter_cache: Faulter | None = None
+        # The unicorn instance (~3 MiB with its code cache) is made on first use, so a VMM
+        # that creates many vCPUs (KVM_CAP_MAX_VCPUS is 1024) pays only for those it uses.
+        self._pvm = pvm
+        self._cpu: X86Cpu | None = None
+        self._cpu_lock = threading.Lock()
+        self._kick_early = False
         # the run area reads all zero until the first KVM_RUN (measured)
         self._pending: IoExit | MmioExit | None = None
         self._handlers = {
@@ -140,19 +151,37 @@ class FakeVcpu(FakeFile):
             len(insn), insn.ljust(15, b"\0"), *_EMUL_INFO,
         )  # fmt: skip
 
-    def _translate(self, gpa: int, write: bool, exec_: bool) -> Any:
-        return self.vm.translate(gpa, write, exec_, vcpu=self)
+    @property
+    def cpu(self) -> X86Cpu:
+        c = self._cpu
+        if c is None:
+            with self._cpu_lock:
+                c = self._cpu
+                if c is None:
+                    c = X86Cpu(for_vcpu(self.vm, self), pvm_emulation=self._pvm)
+                    c.on_emulation_arm = self._emulation_arm
+                    if self._kick_early:
+                        c.kick()
+                    self._cpu = c
+        return c
 
     # -- calls from the VM (other threads) -------------------------------------------------
+    # Before the CPU exists nothing is cached, so there is nothing to invalidate.
     def memslots_changed(self) -> None:
-        self.cpu.memslots_changed()
+        if self._cpu is not None:
+            self._cpu.memslots_changed()
 
     def invalidate(self, gpa_start: int, gpa_end: int) -> None:
-        self.cpu.invalidate(gpa_start, gpa_end)
+        if self._cpu is not None:
+            self._cpu.invalidate(gpa_start, gpa_end)
 
     def kick(self) -> None:
         """Like a signal to the vCPU thread: a running (or the next) KVM_RUN returns EINTR."""
-        self.cpu.kick()
+        with self._cpu_lock:
+            if self._cpu is None:
+                self._kick_early = True
+                return
+        self._cpu.kick()
 
     # -- file operations -----------------------------------------------------------------------
     def ioctl(self, request: int, arg: IoctlArg) -> int:
@@ -190,7 +219,8 @@ class FakeVcpu(FakeFile):
 
     def destroy(self) -> None:
         """Called by the VM when it is freed."""
-        self.cpu.kick()
+        if self._cpu is not None:
+            self._cpu.kick()
         self.run_view.release()
         self._run_map.close()
         os.close(self._run_fd)
@@ -246,20 +276,28 @@ class FakeVcpu(FakeFile):
         # kvm_set_cr8 from kvm_run (no in-kernel LAPIC)
         self.cpu.cr8 = struct.unpack_from("<Q", run, 16)[0] & 0xF
         response = self._response()
-        while True:
-            ex = self.cpu.run(response)
-            response = None
-            if isinstance(ex, IoExit) and ex.direction == K.KVM_EXIT_IO_OUT:
-                ev = self.vm.ioeventfd_lookup(1, ex.port, ex.size, int.from_bytes(ex.data, "little"))
-                if ev is not None:
-                    ev.signal()  # type: ignore[attr-defined]
-                    continue
-            if isinstance(ex, MmioExit) and ex.is_write:
-                ev = self.vm.ioeventfd_lookup(0, ex.gpa, ex.len, int.from_bytes(ex.data, "little"))
-                if ev is not None:
-                    ev.signal()  # type: ignore[attr-defined]
-                    continue
-            break
+        tid = threading.get_native_id()
+        f = self._faulter_cache
+        if f is None or f.tid != tid:
+            f = self._faulter_cache = Faulter(tid=tid, vcpu=self.vcpu_id, kind="vcpu")
+        self.faulter = f
+        try:
+            while True:
+                ex = self.cpu.run(response)
+                response = None
+                if isinstance(ex, IoExit) and ex.direction == K.KVM_EXIT_IO_OUT:
+                    ev = self.vm.ioeventfd_lookup(1, ex.port, ex.size, int.from_bytes(ex.data, "little"))
+                    if ev is not None:
+                        ev.signal()  # type: ignore[attr-defined]
+                        continue
+                if isinstance(ex, MmioExit) and ex.is_write:
+                    ev = self.vm.ioeventfd_lookup(0, ex.gpa, ex.len, int.from_bytes(ex.data, "little"))
+                    if ev is not None:
+                        ev.signal()  # type: ignore[attr-defined]
+                        continue
+                break
+        finally:
+            self.faulter = None
         return self._report(ex)
 
     def _response(self) -> bytes | None:

@@ -68,6 +68,7 @@ OK = FaultResult.OK
 SIGBUS = FaultResult.SIGBUS
 SIGSEGV = FaultResult.SIGSEGV
 PROT_WRITE = mman.PROT_WRITE
+_ANON = VmaKind.ANON
 
 
 @dataclass(frozen=True)
@@ -147,8 +148,19 @@ def fault(mm: MM, address: int, write: bool, *, user: bool = True, who: Faulter 
                     return r
                 continue
             return OK
-        wflag = UFFD_PAGEFAULT_FLAG_WRITE if write else 0
         kind = vma.kind
+        if kind == _ANON and vma.page_shift == PAGE_SHIFT and not vma.uffd_flags & VM_UFFD_MISSING:
+            # demand-zero one 4 KiB page (every guest first touch): `_install`, inlined
+            with mm.pt_lock:
+                if mm._map is snap:
+                    c = present_chunks.get(ci)
+                    if c is None:
+                        mm.present.set(vpn)
+                    else:
+                        c[byte] |= bit
+                    return OK
+            continue
+        wflag = UFFD_PAGEFAULT_FLAG_WRITE if write else 0
         ps = vma.page_size
         base = address & ~(ps - 1)
         if kind == VmaKind.ANON:

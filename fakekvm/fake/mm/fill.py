@@ -65,6 +65,13 @@ def _still_mapped(mm: MM, vma: VMA, addr: int, ps: int, done: int) -> None:
         raise MFillError(errno.ENOENT, f"mapping at {addr:#x} changed under the operation", done)
 
 
+def _populated(mm: MM, vpn: int, span: int) -> bool:
+    """Is any of the ``span`` pages at ``vpn`` present or poisoned? (pt_lock held)"""
+    if span == 1:
+        return mm.present.test(vpn) or bool(mm.poison._chunks and mm.poison.test(vpn))
+    return mm.present.any(vpn, vpn + span) or mm.poison.any(vpn, vpn + span)
+
+
 def _write_page(vma: VMA, addr: int, data: bytes | memoryview | None, ps: int) -> None:
     """Write a page into the host memory of ``vma`` (zeroes if ``data`` is None).
 
@@ -87,6 +94,8 @@ def _write_page(vma: VMA, addr: int, data: bytes | memoryview | None, ps: int) -
 def _src_page(src: Src, off: int, n: int) -> bytes | memoryview:
     if isinstance(src, int):
         return hostmem.safe_copy_from(src + off, n)
+    if off == 0 and isinstance(src, bytes) and len(src) == n:
+        return src
     mv = memoryview(src).cast("B")
     if off + n > mv.nbytes:
         raise OSError(errno.EFAULT, "source buffer too short")
@@ -115,7 +124,7 @@ def copy(mm: MM, dst: int, src: Src, length: int, *, wp: bool = False, zero: boo
             raise MFillError(e.errno or errno.EFAULT, str(e), done)
         with mm.pt_lock:
             _still_mapped(mm, vma, addr, ps, done)
-            if mm.present.any(vpn, vpn + span) or mm.poison.any(vpn, vpn + span):
+            if _populated(mm, vpn, span):
                 raise MFillError(errno.EEXIST, f"{addr:#x} is already populated", done)
             if vma.kind == VmaKind.SHMEM and vma.shared:
                 pgoff = _shmem_size_check(vma, addr, done)
@@ -130,9 +139,14 @@ def copy(mm: MM, dst: int, src: Src, length: int, *, wp: bool = False, zero: boo
                 _write_page(vma, addr, data, ps)
             else:
                 raise MFillError(errno.EINVAL, f"cannot fill a {vma.kind.name} mapping", done)
-            mm.present.set_range(vpn, vpn + span)
-            if wp:
-                mm.wp.set_range(vpn, vpn + span)
+            if span == 1:
+                mm.present.set(vpn)
+                if wp:
+                    mm.wp.set(vpn)
+            else:
+                mm.present.set_range(vpn, vpn + span)
+                if wp:
+                    mm.wp.set_range(vpn, vpn + span)
         done += ps
     return done
 
@@ -175,7 +189,7 @@ def poison(mm: MM, dst: int, length: int) -> int:
     while done < length:
         vpn = (dst + done) >> PAGE_SHIFT
         with mm.pt_lock:
-            if mm.present.any(vpn, vpn + span) or mm.poison.any(vpn, vpn + span):
+            if _populated(mm, vpn, span):
                 raise MFillError(errno.EEXIST, f"{dst + done:#x} is already populated", done)
             mm.poison.set_range(vpn, vpn + span)
         done += ps

@@ -168,6 +168,14 @@ def read_bytes(address: int, n: int) -> bytes:
 
 def write_bytes(address: int, data: bytes | bytearray | memoryview) -> None:
     """Unchecked write to mapped host memory."""
-    b = data if isinstance(data, bytes) else memoryview(data).cast("B").tobytes()
-    if b:
-        ctypes.memmove(address, b, len(b))
+    if isinstance(data, bytes):
+        if data:
+            ctypes.memmove(address, data, len(data))
+        return
+    mv = memoryview(data).cast("B")
+    n = mv.nbytes
+    if n:
+        if mv.readonly:
+            ctypes.memmove(address, mv.tobytes(), n)
+        else:
+            ctypes.memmove(address, (ctypes.c_char * n).from_buffer(mv), n)
