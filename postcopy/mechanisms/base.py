@@ -487,3 +487,38 @@ def kick_eventfd(kernel: Kernel, fd: int) -> None:
         kernel.write(fd, (1).to_bytes(8, "little"))
     except OSError:
         pass
+
+
+class UffdMechanism(Mechanism):
+    """What the userfaultfd designs share: a uffd, a stop eventfd for its fault
+    thread, and guest memory registered on it (`uffd`, `stop_fd`, `memory`,
+    `staging` are set by the subclass's `arm`)."""
+
+    uffd: int = -1
+    stop_fd: int = -1
+    memory: Mapping | None = None
+    staging: Staging | None = None
+    _registered: bool = False
+
+    def kick(self) -> None:
+        if self.stop_fd >= 0 and self.kernel is not None:
+            kick_eventfd(self.kernel, self.stop_fd)
+
+    def guest_view(self) -> memoryview:
+        assert self.memory is not None
+        return self.memory.view()[: self.layout.mem_size]
+
+    def complete(self) -> None:
+        if self._registered and self.kernel is not None and self.memory is not None:
+            uffd_unregister(self.kernel, self.uffd, self.memory.address, self.layout.mem_size)
+            self._registered = False
+
+    def _release_uffd(self, k: Kernel) -> None:
+        """Close the staging buffer, the uffd and the stop eventfd (for `disarm`)."""
+        if self.staging is not None:
+            self.staging.close()
+            self.staging = None
+        for fd in (self.uffd, self.stop_fd):
+            if fd >= 0:
+                k.close(fd)
+        self.uffd = self.stop_fd = -1

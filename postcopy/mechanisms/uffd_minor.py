@@ -29,16 +29,14 @@ from fakekvm.kernel.mapping import Mapping
 from fakekvm.kernel.seam import Kernel
 from postcopy.mechanisms.base import (
     FaultContext,
-    Mechanism,
     MemoryLayout,
     Staging,
+    UffdMechanism,
     UffdPlacer,
-    kick_eventfd,
     new_eventfd,
     open_uffd,
     uffd_fault_loop,
     uffd_register,
-    uffd_unregister,
 )
 from postcopy.pages import Bitmap
 
@@ -71,7 +69,7 @@ def hugetlb_available() -> tuple[bool, str]:
     return True, f"{free} free 2 MiB huge pages"
 
 
-class UffdMinor(Mechanism):
+class UffdMinor(UffdMechanism):
     name = "uffd-minor"
 
     def __init__(self, *, huge: bool = False, preallocate: bool = False) -> None:
@@ -227,33 +225,14 @@ class UffdMinor(Mechanism):
             return
         uffd_fault_loop(ctx, placer, self.stop_fd, self.layout.nr_pages, self._resolve_present)
 
-    def kick(self) -> None:
-        if self.stop_fd >= 0 and self.kernel is not None:
-            kick_eventfd(self.kernel, self.stop_fd)
-
-    def guest_view(self) -> memoryview:
-        assert self.memory is not None
-        return self.memory.view()[: self.layout.mem_size]
-
-    def complete(self) -> None:
-        if self._registered and self.kernel is not None and self.memory is not None:
-            uffd_unregister(self.kernel, self.uffd, self.memory.address, self.layout.mem_size)
-            self._registered = False
-
     def disarm(self) -> None:
         k = self.kernel
         if k is None:
             return
-        if self.staging is not None:
-            self.staging.close()
-            self.staging = None
         if self.alias_view is not None:
             self.alias_view.release()
             self.alias_view = None
-        for fd in (self.uffd, self.stop_fd):
-            if fd >= 0:
-                k.close(fd)
-        self.uffd = self.stop_fd = -1
+        self._release_uffd(k)
         for m in (self.memory, self.alias):
             if m is not None:
                 k.munmap(m.address, m.length)

@@ -21,16 +21,14 @@ from fakekvm.kernel.mapping import Mapping
 from fakekvm.kernel.seam import Kernel
 from postcopy.mechanisms.base import (
     FaultContext,
-    Mechanism,
     MemoryLayout,
     Staging,
+    UffdMechanism,
     UffdPlacer,
-    kick_eventfd,
     new_eventfd,
     open_uffd,
     uffd_fault_loop,
     uffd_register,
-    uffd_unregister,
 )
 
 if TYPE_CHECKING:
@@ -39,7 +37,7 @@ if TYPE_CHECKING:
 FEATURES = uffd.UFFD_FEATURE_THREAD_ID | uffd.UFFD_FEATURE_EVENT_REMOVE
 
 
-class UffdMissing(Mechanism):
+class UffdMissing(UffdMechanism):
     name = "uffd-missing"
 
     def __init__(self, *, staging_pages: int = 256) -> None:
@@ -102,30 +100,11 @@ class UffdMissing(Mechanism):
             ctx, self.placer, self.stop_fd, self.layout.nr_pages, self.placer.zeropage_or_wake
         )
 
-    def kick(self) -> None:
-        if self.stop_fd >= 0 and self.kernel is not None:
-            kick_eventfd(self.kernel, self.stop_fd)
-
-    def guest_view(self) -> memoryview:
-        assert self.memory is not None
-        return self.memory.view()[: self.layout.mem_size]
-
-    def complete(self) -> None:
-        if self._registered and self.kernel is not None and self.memory is not None:
-            uffd_unregister(self.kernel, self.uffd, self.memory.address, self.layout.mem_size)
-            self._registered = False
-
     def disarm(self) -> None:
         k = self.kernel
         if k is None:
             return
-        if self.staging is not None:
-            self.staging.close()
-            self.staging = None
-        for fd in (self.uffd, self.stop_fd):
-            if fd >= 0:
-                k.close(fd)
-        self.uffd = self.stop_fd = -1
+        self._release_uffd(k)
         if self.memory is not None:
             k.munmap(self.memory.address, self.memory.length)
             self.memory = None
