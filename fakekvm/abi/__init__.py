@@ -4,6 +4,7 @@
 * :mod:`~fakekvm.abi.kvm` — ``linux/kvm.h`` + x86 ``asm/kvm.h``
 * :mod:`~fakekvm.abi.uffd` — ``linux/userfaultfd.h``
 * :mod:`~fakekvm.abi.kvm_userfault` — NOT UPSTREAM: the KVM Userfault proposal
+* :mod:`~fakekvm.abi.fake_cc` — NOT UPSTREAM: fakekvm's own confidential VM type
 * :mod:`~fakekvm.abi.mman` — mman/falloc/memfd/fcntl constants
 * :mod:`~fakekvm.abi.names` — number <-> name lookups for printouts
 * :mod:`~fakekvm.abi.layout` — ``offsetof``/``fields`` over construct structs
@@ -14,7 +15,7 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-__all__ = ["ioctl", "kvm", "kvm_userfault", "layout", "mman", "names", "uffd"]
+__all__ = ["fake_cc", "ioctl", "kvm", "kvm_userfault", "layout", "mman", "names", "uffd"]
 
 
 def __getattr__(name: str) -> ModuleType:

@@ -25,6 +25,7 @@ import threading
 from typing import TYPE_CHECKING
 
 from fakekvm.abi import kvm, mman
+from fakekvm.abi.fake_cc import KVM_X86_FAKE_CC_VM
 from fakekvm.kernel.mapping import Mapping
 from fakekvm.kernel.seam import Kernel
 from postcopy.mechanisms.base import FaultContext, MemoryLayout, uffd_fault_loop
@@ -34,8 +35,6 @@ from postcopy.pages import Bitmap, page_digests
 if TYPE_CHECKING:
     from postcopy.guestrun import DestVM
 
-#: NOT UPSTREAM: the fake confidential VM type (fakekvm.fake.kvm.private.KVM_X86_FAKE_CC_VM)
-KVM_X86_FAKE_CC_VM = 16
 _FAULT = kvm.kvm_run_memory_fault_fmt
 _OFF = kvm.KVM_RUN_EXIT_OFFSET
 

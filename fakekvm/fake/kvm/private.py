@@ -48,13 +48,30 @@ from __future__ import annotations
 
 import dataclasses
 import errno
-import struct
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+from fakekvm.abi.fake_cc import FAKE_CC_SHARED_BIT, KVM_X86_FAKE_CC_VM
+from fakekvm.abi.kvm import (
+    GUEST_MEMFD_FLAG_MMAP,
+    KVM_EXIT_MEMORY_FAULT,
+    KVM_MEM_GUEST_MEMFD,
+    KVM_MEMORY_ATTRIBUTE_PRIVATE,
+    KVM_MEMORY_EXIT_FLAG_PRIVATE,
+    KVM_RUN_EXIT_OFFSET,
+    KVM_RUN_EXIT_REASON_OFFSET,
+    KVM_X86_SW_PROTECTED_VM,
+    kvm_memory_attributes_fmt,
+    kvm_run_exit_reason_fmt,
+    kvm_run_memory_fault_fmt,
+)
+from fakekvm.abi.kvm_userfault import KVM_MEMORY_ATTRIBUTE_USERFAULT
+from fakekvm.abi.kvm_userfault import (
+    KVM_MEMORY_EXIT_FLAG_USERFAULT as KVM_MEMORY_EXIT_FLAG_USERFAULT,  # re-exported
+)
 from fakekvm.fake.kvm.translate import Kind, Translation
 
 if TYPE_CHECKING:
@@ -66,28 +83,9 @@ PAGE_SIZE = 1 << PAGE_SHIFT
 PAGE_MASK = ~(PAGE_SIZE - 1)
 U64 = (1 << 64) - 1
 
-KVM_MEMORY_ATTRIBUTE_PRIVATE = 1 << 3
-KVM_MEMORY_ATTRIBUTE_USERFAULT = 1 << 4  # NOT UPSTREAM (RFC)
-KVM_MEMORY_EXIT_FLAG_PRIVATE = 1 << 3
-KVM_MEMORY_EXIT_FLAG_USERFAULT = 1 << 4  # NOT UPSTREAM
-KVM_EXIT_MEMORY_FAULT = 39
-KVM_MEM_GUEST_MEMFD = 1 << 2
-GUEST_MEMFD_FLAG_MMAP = 1 << 0
-
-KVM_X86_DEFAULT_VM = 0
-KVM_X86_SW_PROTECTED_VM = 1
-KVM_X86_TDX_VM = 5
-#: NOT UPSTREAM: fakekvm's confidential VM type (upstream uses 0..5). 16 is far
-#: from upstream's range and still fits KVM_CAP_VM_TYPES (bit 16 = 0x10000).
-KVM_X86_FAKE_CC_VM = 16
-#: the fake CC VM's GPA shared bit (TDX with GPAW 48: bit 47)
-FAKE_CC_SHARED_BIT = 1 << 47
-
-_MEM_ATTR = struct.Struct("<4Q")  # kvm_memory_attributes: address, size, attributes, flags
-_RUN_EXIT_REASON = struct.Struct("<I")
-_RUN_MEMORY_FAULT = struct.Struct("<QQQ")
-KVM_RUN_EXIT_REASON_OFFSET = 8
-KVM_RUN_EXIT_OFFSET = 32
+_MEM_ATTR = kvm_memory_attributes_fmt
+_RUN_EXIT_REASON = kvm_run_exit_reason_fmt
+_RUN_MEMORY_FAULT = kvm_run_memory_fault_fmt
 
 
 # ---------------------------------------------------------------------------------------------
