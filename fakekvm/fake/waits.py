@@ -4,12 +4,12 @@ Models the kernel's wait queues (``include/linux/wait.h``: ``wait_queue_head``,
 ``wait_event_interruptible_timeout``, ``wake_up_all``) and the poll table hook
 (``include/linux/poll.h``: ``poll_wait``). Rules:
 
-* A :class:`WaitQueue` is one ``threading.Condition``. Waiters call
+* A :class:`WaitQueue` is a lock plus its sleepers (a Condition without the overhead). Waiters call
   :meth:`WaitQueue.wait_event` with a predicate; wakers change state *then* call
   :meth:`WaitQueue.wake_up_all` (or change state inside ``with wq.lock:`` and call
   :meth:`WaitQueue.wake_up_all_locked`). The predicate is evaluated with the
   queue's lock held, so a wake-up between "check" and "sleep" is never lost.
-* Nobody sleeps or spins: waiting is ``Condition.wait`` through a pluggable
+* Nobody sleeps or spins: waiting is a blocking lock hand-off through a pluggable
   :class:`Scheduler` (default: real threads) so that a later deterministic
   scheduler can serialise every thread at exactly these points.
 * Nobody hangs silently: every queue belongs to a :class:`WaitDomain` (one per
@@ -31,8 +31,9 @@ from __future__ import annotations
 import errno
 import threading
 import time
+from _thread import allocate_lock as _allocate_lock
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 
 class KernelShutdown(OSError):
@@ -52,12 +53,42 @@ class Scheduler:
     """
 
     def block(self, wq: WaitQueue, timeout: float | None) -> None:
-        """Sleep on ``wq`` for at most ``timeout`` seconds (None: until woken)."""
-        wq.cond.wait(timeout)
+        """Sleep on ``wq`` for at most ``timeout`` seconds (None: until woken).
+
+        The cheapest hand-off CPython has: a fresh ``threading.Lock`` taken once, queued on
+        ``wq.waiters``, then taken again with ``wq.lock`` dropped; the second acquire returns
+        when a waker releases it (``wake``). No ``threading.Condition`` bookkeeping.
+        """
+        w = _allocate_lock()
+        w.acquire()
+        wq.waiters.append(w)
+        lock: Any = wq.lock
+        recursive = wq.recursive
+        saved = None
+        if recursive:
+            saved = lock._release_save()
+        else:
+            lock.release()
+        try:
+            got = w.acquire() if timeout is None else w.acquire(True, timeout) if timeout > 0 else False
+        finally:
+            if recursive:
+                lock._acquire_restore(saved)
+            else:
+                lock.acquire()
+        if not got:
+            try:  # timed out (or interrupted) before a wake: leave the queue
+                wq.waiters.remove(w)
+            except ValueError:
+                pass  # a waker took it off (and released it) meanwhile
 
     def wake(self, wq: WaitQueue) -> None:
         """Wake every thread sleeping on ``wq``."""
-        wq.cond.notify_all()
+        ws = wq.waiters
+        if ws:
+            wq.waiters = []
+            for w in ws:
+                w.release()
 
     def now(self) -> float:
         """Seconds, for computing remaining timeouts."""
@@ -155,12 +186,13 @@ class WaitDomain:
 DEFAULT_DOMAIN = WaitDomain("default")
 
 WakeCallback = Callable[["WaitQueue"], None]
+_LOCK_TYPE = type(threading.Lock())
 
 
 class WaitQueue:
-    """A wait queue head: one Condition, a domain, and poll callbacks."""
+    """A wait queue head: a lock, the sleepers' hand-off locks, a domain, and poll callbacks."""
 
-    __slots__ = ("_aborted", "_callbacks", "cond", "domain", "lock", "name")
+    __slots__ = ("_aborted", "_callbacks", "domain", "lock", "name", "recursive", "waiters")
 
     def __init__(
         self,
@@ -169,7 +201,10 @@ class WaitQueue:
         lock: threading.Lock | threading.RLock | None = None,
     ) -> None:
         self.lock = lock if lock is not None else threading.Lock()
-        self.cond = threading.Condition(self.lock)
+        #: an RLock: `Scheduler.block` must drop every recursion level while asleep
+        self.recursive = not isinstance(self.lock, _LOCK_TYPE)
+        #: the default Scheduler's sleepers: one hand-off lock each (released to wake)
+        self.waiters: list[threading.Lock] = []
         self.domain = domain if domain is not None else DEFAULT_DOMAIN
         self.name = name
         self._callbacks: list[WakeCallback] = []

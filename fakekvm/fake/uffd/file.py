@@ -38,6 +38,7 @@ PAGE_SHIFT = mman.PAGE_SHIFT
 _O_NONBLOCK = mman.O_NONBLOCK
 _FIONBIO = 0x5421  # asm-generic/ioctls.h
 _SIGBUS = FaultResult.SIGBUS
+_MSG = U.UFFD_MSG_SIZE
 
 
 class UserfaultfdFile(FakeFile):
@@ -86,6 +87,16 @@ class UserfaultfdFile(FakeFile):
             raise OSError(errno.EINVAL, "userfaultfd: read before UFFDIO_API")
         while True:
             with self.lock:
+                if st.pending and _MSG <= n < 2 * _MSG:
+                    # fast path: one message, and faults are read before events (pop_msg)
+                    w = st.pending.popleft()
+                    w.read = True
+                    lst = st.waiting.get(w.page)
+                    if lst is None:
+                        st.waiting[w.page] = [w]
+                    else:
+                        lst.append(w)
+                    return w.msg
                 nev = len(st.events)
                 out = st.read(n)
                 ev_read = len(st.events) != nev
@@ -124,13 +135,13 @@ class UserfaultfdFile(FakeFile):
             return _SIGBUS
         if not user and st.flags & U.UFFD_USER_MODE_ONLY:
             return _SIGBUS
-        tid = getattr(who, "tid", None) or threading.get_native_id()
+        # one queue per faulting thread, reused (a thread sleeps in at most one fault)
+        me = threading.get_native_id()
+        tid = getattr(who, "tid", None) or me
         ps = vma.page_size
         vpn = address >> PAGE_SHIFT
         wp = reason & U.UFFD_PAGEFAULT_FLAG_WP
         present = mm.present
-        # one queue per faulting thread, reused (a thread sleeps in at most one fault)
-        me = threading.get_native_id()
         wq = self._thread_wqs.get(me)
         if wq is None:
             wq = self._thread_wqs[me] = WaitQueue(self.domain, "userfaultfd-fault")
@@ -151,7 +162,7 @@ class UserfaultfdFile(FakeFile):
                 st.drop_fault(w)
                 return None
         self.wq.wake_up_all()
-        if self.blocked_wq.cond._waiters:
+        if self.blocked_wq.waiters:
             self.blocked_wq.wake_up_all()
         wq.wait_event(lambda: w.woken or st.released or st.inject.owner_dead, what="UFFDIO_COPY/WAKE")
         self.domain.check("a thread blocked in a userfault")  # FakeKernel.shutdown: never hang

@@ -43,6 +43,12 @@ _validate = UffdState.validate_range
 _memmove = ctypes.memmove
 
 Handler = Callable[[Any], int]
+_PAGE_OFF = PAGE_SIZE - 1
+_TASK_LAST = (1 << 47) - 2 * PAGE_SIZE  # validate_range: dst + len <= TASK_SIZE
+_U64_END = 1 << 64
+_ANON = VmaKind.ANON
+_PROT_READ = mman.PROT_READ
+_PROT_WRITE = mman.PROT_WRITE
 
 
 class _Arg:
@@ -212,7 +218,46 @@ def table(f: UserfaultfdFile) -> dict[int, Handler]:
         return 0
 
     # -- UFFDIO_COPY / ZEROPAGE / CONTINUE / POISON --------------------------------------------------------
+    inject = st.inject
+    present = mm.present
+    wp_bits = mm.wp
+    pt_lock = mm.pt_lock
+    find_vma = mm.find_vma
+    copy_unpack = U.uffdio_copy_fmt.unpack_from
+    pack_s64 = _s64.pack_into
+    wake_range = f.wake_range
+
     def copy(arg: Any) -> int:
+        # Fast path (the post-copy hot path): one 4 KiB page, mode 0, into an empty page of an
+        # anonymous writable VMA registered with this context, from the fake's own readable
+        # anonymous memory; no event unread, no injection. Anything else: the full path below,
+        # which gives the same result for these arguments.
+        if type(arg) is bytearray and len(arg) >= 40 and not st.mmap_changing and not inject.eagain \
+                and not inject.eexist_race and not inject.owner_dead:
+            dst, src, length, mode, _ = copy_unpack(arg)
+            if length == PAGE_SIZE and not mode and not dst & _PAGE_OFF and dst < _TASK_LAST \
+                    and src + PAGE_SIZE <= _U64_END:
+                vpn = dst >> PAGE_SHIFT
+                with pt_lock:
+                    v = find_vma(dst)
+                    if v is not None and v.uffd_ctx is f and v.kind is _ANON and v.page_shift == PAGE_SHIFT \
+                            and v.prot & _PROT_WRITE and dst + PAGE_SIZE <= v.end \
+                            and not present.test(vpn) and not (mm.poison._chunks and mm.poison.test(vpn)):
+                        sv = find_vma(src)
+                        if sv is not None and sv.kind is _ANON and sv.prot & _PROT_READ and src + PAGE_SIZE <= sv.end:
+                            _memmove(dst, src, PAGE_SIZE)
+                            present.set(vpn)
+                            if wp_bits._chunks:  # a fresh PTE carries no uffd-wp marker
+                                wp_bits.clear(vpn)
+                            fast = True
+                        else:
+                            fast = False
+                    else:
+                        fast = False
+                if fast:
+                    pack_s64(arg, 32, PAGE_SIZE)
+                    wake_range(dst, PAGE_SIZE)
+                    return 0
         a = _Arg(arg, 40)
         if st.changing():
             raise eagain(a, 32, "UFFDIO_COPY")
@@ -436,9 +481,10 @@ def _copy_pages(mm: Any, v: Any, dst: int, src: int, length: int, wp: bool) -> i
     """fill.copy, except that a poison marker counts as empty (``pte_none_mostly``).
 
     Fast path (the post-copy hot path): 4 KiB anonymous pages from a source inside the fake's
-    own anonymous memory are copied with one memmove per run of empty pages, no bounce buffer.
+    own anonymous memory are copied with one memmove per run of empty pages, no bounce buffer
+    (a read-only destination goes through ``fill.copy``, which lifts the host protection).
     """
-    if v.kind == VmaKind.ANON and not v.hugetlb and _src_readable(mm, src, length):
+    if v.kind == VmaKind.ANON and not v.hugetlb and v.prot & _PROT_WRITE and _src_readable(mm, src, length):
         present, poison = mm.present, mm.poison
         first = dst >> PAGE_SHIFT
         n = length >> PAGE_SHIFT
