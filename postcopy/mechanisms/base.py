@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import abc
 import errno
+import struct
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -303,24 +304,54 @@ class UffdPlacer:
     # -- resolving -------------------------------------------------------------------
     def copy(self, start_page: int, count: int, src: int, *, wake: bool = True) -> None:
         """``UFFDIO_COPY`` of ``count`` pages from host address ``src`` to guest page ``start_page``."""
+        mode = 0 if wake else uffd.UFFDIO_COPY_MODE_DONTWAKE
+        fmt = self._copy
+        self._resolve(
+            uffd.UFFDIO_COPY, "UFFDIO_COPY", start_page, count, fmt, 4,
+            lambda dst, done, left: fmt.pack(dst, src + done, left, mode, 0),
+        )  # fmt: skip
+
+    def cont(self, start_page: int, count: int, *, wake: bool = True) -> None:
+        """``UFFDIO_CONTINUE`` of pages already in the page cache."""
+        mode = 0 if wake else uffd.UFFDIO_CONTINUE_MODE_DONTWAKE
+        fmt = self._cont
+        self._resolve(
+            uffd.UFFDIO_CONTINUE, "UFFDIO_CONTINUE", start_page, count, fmt, 3,
+            lambda dst, done, left: fmt.pack(dst, left, mode, 0),
+        )  # fmt: skip
+
+    def _resolve(
+        self,
+        request: int,
+        what: str,
+        start_page: int,
+        count: int,
+        fmt: struct.Struct,
+        progress_field: int,
+        pack: Callable[[int, int, int], bytes],
+    ) -> None:
+        """Run a resolving ioctl over a range with the rules real handlers get wrong.
+
+        The output field (``copy``/``mapped``, index ``progress_field`` of the struct) is
+        signed: positive is bytes done, negative is ``-errno``. ``EEXIST`` means the page at
+        the point reached is present (placed by someone else), not that its waiter woke:
+        wake it explicitly and go on after it. ``EAGAIN`` means a non-cooperative event
+        is unread: drain the events, then retry what is left.
+        """
         ps = self.page_size
         dst = self.base + start_page * ps
         length = count * ps
-        mode = 0 if wake else uffd.UFFDIO_COPY_MODE_DONTWAKE
-        fmt = self._copy
         done = 0
         for _ in range(self.max_retries):
-            buf = bytearray(fmt.pack(dst + done, src + done, length - done, mode, 0))
+            buf = bytearray(pack(dst + done, done, length - done))
             try:
-                self.kernel.ioctl(self.fd, uffd.UFFDIO_COPY, buf)
+                self.kernel.ioctl(self.fd, request, buf)
                 return
             except OSError as e:
-                progress = fmt.unpack(buf)[4]
+                progress = fmt.unpack(buf)[progress_field]
                 if progress > 0:  # signed: bytes done before the error
                     done += progress
                 if e.errno == errno.EEXIST:
-                    # the page at dst+done is there (placed by someone else): skip it,
-                    # wake its waiter explicitly and go on with the rest
                     self.eexist += 1
                     self.wake(dst + done, ps)
                     done += ps
@@ -329,46 +360,11 @@ class UffdPlacer:
                     self.drain()
                 else:
                     raise OSError(
-                        e.errno,
-                        f"UFFDIO_COPY dst={dst + done:#x} len={length - done:#x}: {e.strerror}",
+                        e.errno, f"{what} dst={dst + done:#x} len={length - done:#x}: {e.strerror}"
                     ) from e
                 if done >= length:
                     return
-        raise OSError(errno.EAGAIN, f"UFFDIO_COPY dst={dst:#x}: no progress after retries")
-
-    def cont(self, start_page: int, count: int, *, wake: bool = True) -> None:
-        """``UFFDIO_CONTINUE`` of pages already in the page cache."""
-        ps = self.page_size
-        start = self.base + start_page * ps
-        length = count * ps
-        mode = 0 if wake else uffd.UFFDIO_CONTINUE_MODE_DONTWAKE
-        fmt = self._cont
-        done = 0
-        for _ in range(self.max_retries):
-            buf = bytearray(fmt.pack(start + done, length - done, mode, 0))
-            try:
-                self.kernel.ioctl(self.fd, uffd.UFFDIO_CONTINUE, buf)
-                return
-            except OSError as e:
-                progress = fmt.unpack(buf)[3]
-                if progress > 0:
-                    done += progress
-                if e.errno == errno.EEXIST:
-                    self.eexist += 1
-                    self.wake(start + done, ps)
-                    done += ps
-                elif e.errno == errno.EAGAIN:
-                    self.eagain += 1
-                    self.drain()
-                else:
-                    raise OSError(
-                        e.errno,
-                        f"UFFDIO_CONTINUE start={start + done:#x} len={length - done:#x}: "
-                        f"{e.strerror}",
-                    ) from e
-                if done >= length:
-                    return
-        raise OSError(errno.EAGAIN, f"UFFDIO_CONTINUE start={start:#x}: no progress after retries")
+        raise OSError(errno.EAGAIN, f"{what} dst={dst:#x}: no progress after retries")
 
     def wake(self, address: int, length: int) -> None:
         """``UFFDIO_WAKE`` (EAGAIN: drain and retry)."""
