@@ -506,8 +506,10 @@ class UffdMechanism(Mechanism):
 
     def complete(self) -> None:
         if self._registered and self.kernel is not None and self.memory is not None:
-            uffd_unregister(self.kernel, self.uffd, self.memory.address, self.layout.mem_size)
+            # cleared first: a placement racing with the unregister then sees ENOENT with
+            # the flag already down and drops its (duplicate) pages, as it should
             self._registered = False
+            uffd_unregister(self.kernel, self.uffd, self.memory.address, self.layout.mem_size)
 
     def _release_uffd(self, k: Kernel) -> None:
         """Close the staging buffer, the uffd and the stop eventfd (for `disarm`)."""
