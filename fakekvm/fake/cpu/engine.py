@@ -299,6 +299,10 @@ class X86Cpu(CpuState, GuestMemory):
             return False
         finally:
             self._in_hook = False
+            if self._kick:
+                # a kick that landed while this hook ran (`_request` stopped retrying because
+                # the hook may block): stop from the vCPU's own thread, which cannot be lost
+                self.uc.emu_stop()
 
     def _hook_out(self, uc: Uc, port: int, size: int, value: int, _ud: Any) -> None:
         if self._probe is not None:
@@ -314,6 +318,8 @@ class X86Cpu(CpuState, GuestMemory):
             return self._hook_in_body(uc, port, size)
         finally:
             self._in_hook = False
+            if self._kick:
+                uc.emu_stop()  # see `_tlb_fill`
 
     def _hook_in_body(self, uc: Uc, port: int, size: int) -> int:
         vals = self._regs_r.read()
