@@ -93,11 +93,12 @@ def bench_first_touch(kernel: Kernel, mib: int = 64) -> float:
     return p.npages / (dt / 1e9)
 
 
-def bench_uffd_fault(kernel: Kernel, npages: int = 2000) -> float:
-    """Microseconds per userfaultfd fault round trip with one Python handler (UFFDIO_COPY)."""
+def bench_uffd_fault(kernel: Kernel, npages: int = 2000, batch: bool = False) -> float:
+    """Microseconds per userfaultfd fault round trip with one Python handler (UFFDIO_COPY),
+    both threads on CPU 0; ``batch``: both under SCHED_BATCH (no wakeup preemption)."""
     from fakekvm.testing.uffd_scenarios import fault_round_trip
 
-    return fault_round_trip(kernel, npages) * 1e6
+    return fault_round_trip(kernel, npages, batch=batch) * 1e6
 
 
 def run_all(only: set[str] | None = None, repeat: int = 3, quick: bool = False) -> list[Result]:
@@ -129,6 +130,8 @@ def run_all(only: set[str] | None = None, repeat: int = 3, quick: bool = False) 
          lambda k: bench_first_touch(k, 16 if quick else 64), True)
     both("uffd_fault", "µs/fault", "fake/real <= 1.5",
          lambda k: bench_uffd_fault(k, 500 if quick else 2000), False)
+    both("uffd_fault_batch", "µs/fault", "fake/real <= 1.5",
+         lambda k: bench_uffd_fault(k, 500 if quick else 2000, batch=True), False)
     return out
 
 
@@ -161,7 +164,7 @@ def run(args: argparse.Namespace) -> int:
 
 def add_parser(sub: Any) -> None:
     p = sub.add_parser("bench", help="run the same workloads on the real kernel and the fake, side by side")
-    p.add_argument("--only", help="comma-separated: check_extension,first_touch,uffd_fault")
+    p.add_argument("--only", help="comma-separated: check_extension,first_touch,uffd_fault,uffd_fault_batch")
     p.add_argument("--repeat", type=int, default=3, help="repetitions per measurement (median)")
     p.add_argument("--quick", action="store_true", help="smaller sizes (for smoke tests)")
     p.add_argument("--json", action="store_true")

@@ -931,11 +931,16 @@ def scn_user_mode_only(k: Kernel) -> Record:
 # ---------------------------------------------------------------------------------------------
 # Speed: the per-fault round trip of one Python handler (MISSING + UFFDIO_COPY of 4 KiB)
 # ---------------------------------------------------------------------------------------------
-def fault_round_trip(k: Kernel, npages: int = 2000, cpu: int | None = 0) -> float:
+def fault_round_trip(k: Kernel, npages: int = 2000, cpu: int | None = 0, batch: bool = False) -> float:
     """Seconds per fault: one thread writes ``npages`` fresh pages, a Python handler resolves each.
 
     The handler is the usual one (blocking ``read`` of one ``uffd_msg``, ``struct`` decode,
     ``UFFDIO_COPY`` of a 4 KiB source page); the same code runs on either kernel.
+
+    ``cpu``: pin both threads to that CPU (anchors.md: "both threads on one vCPU").
+    ``batch``: run both threads under ``SCHED_BATCH``, so a woken thread does not preempt
+    the waker (CFS/EEVDF skip wakeup preemption for batch tasks): each hand-off then costs one
+    context switch instead of a preempt-and-bounce on a lock the waker still holds.
     """
     m = anon(k, npages)
     src = src_page(k, 0x5A)
@@ -950,6 +955,8 @@ def fault_round_trip(k: Kernel, npages: int = 2000, cpu: int | None = 0) -> floa
     def pin() -> None:
         if cpu is not None:
             os.sched_setaffinity(0, {cpu})  # this thread only (anchors.md: "both threads on one vCPU")
+        if batch:
+            os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))  # this thread only
 
     def handler() -> None:
         pin()
@@ -976,6 +983,7 @@ def fault_round_trip(k: Kernel, npages: int = 2000, cpu: int | None = 0) -> floa
     h = threading.Thread(target=handler, daemon=True)
     h.start()
     old = os.sched_getaffinity(0)
+    old_policy = os.sched_getscheduler(0)
     pin()
     try:
         t0 = k.monotonic_ns()
@@ -983,6 +991,8 @@ def fault_round_trip(k: Kernel, npages: int = 2000, cpu: int | None = 0) -> floa
         dt = k.monotonic_ns() - t0
     finally:
         os.sched_setaffinity(0, old)
+        if batch:
+            os.sched_setscheduler(0, old_policy, os.sched_param(0))
     h.join(GUARD_S)
     k.close(fd)
     k.munmap(m.address, npages * PAGE)

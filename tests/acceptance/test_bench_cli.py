@@ -23,6 +23,6 @@ def test_result_ratio_and_target() -> None:
 def test_bench_reports_both_kernels(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["bench", "--quick", "--repeat", "1", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
-    assert [d["name"] for d in data] == ["check_extension", "first_touch", "uffd_fault"]
+    assert [d["name"] for d in data] == ["check_extension", "first_touch", "uffd_fault", "uffd_fault_batch"]
     for d in data:
         assert d["real"] > 0 and d["fake"] > 0 and d["ratio"] == pytest.approx(d["fake"] / d["real"])
