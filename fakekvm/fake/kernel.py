@@ -132,8 +132,12 @@ class FakeKernel(Kernel):
         scheduler: Scheduler | None = None,
         watchdog_s: float | None = None,
         arena_size: int | None = None,
+        vcpu_factory: Callable[..., Any] | None = None,
     ) -> None:
         self.profile = profile
+        #: ``(vm, vcpu, translate) -> cpu`` builds each vCPU's CPU instead of the unicorn
+        #: `X86Cpu` (``fakekvm.fake.kvm.scripted.scripted_factory``: a trace-driven vCPU)
+        self.vcpu_factory = vcpu_factory
         self.clock: Clock = clock if clock is not None else RealClock()
         self._gettid = gettid or threading.get_native_id
         if watchdog_s is None and os.environ.get("FAKEKVM_WATCHDOG_S"):

@@ -158,7 +158,11 @@ class FakeVcpu(FakeFile):
             with self._cpu_lock:
                 c = self._cpu
                 if c is None:
-                    c = X86Cpu(for_vcpu(self.vm, self), pvm_emulation=self._pvm)
+                    factory = getattr(self.vm.kernel, "vcpu_factory", None)
+                    if factory is not None:  # e.g. a trace-driven vCPU (fakekvm.fake.kvm.scripted)
+                        c = factory(self.vm, self, for_vcpu(self.vm, self))
+                    else:
+                        c = X86Cpu(for_vcpu(self.vm, self), pvm_emulation=self._pvm)
                     c.on_emulation_arm = self._emulation_arm
                     if self._kick_early:
                         c.kick()

@@ -1,0 +1,114 @@
+"""Turn a recording into per-vCPU scripts for the trace-driven vCPU (``replay --mode workload``).
+
+A recorded run's guest behaviour, as far as post-copy cares, is: which pages each vCPU touched
+for the first time and in what order (the trace's `Fault`s, each with its vCPU and gpa), how
+long it ran between two of them, and the exits it made to userspace (the ``KVM_RUN`` calls'
+``kvm_run`` bytes: port I/O reports, HLT, ...). `scripts_from_events` rebuilds exactly that as
+`fakekvm.fake.kvm.scripted` steps:
+
+* a fault observed during a vCPU's ``KVM_RUN`` (``t_ns <= observed_ns <= t_ns + dur_ns``) is a
+  `Touch` placed before that run's exit; its think time is the time from the later of the run's
+  entry and the previous fault's resolution to this fault's observation (the vCPU was running);
+* a ``KVM_RUN`` that returned an exit the guest made (IO, MMIO, HLT, SHUTDOWN) becomes that exit;
+  ``KVM_EXIT_MEMORY_FAULT`` and ``EINTR`` returns are the environment's, not the guest's: the
+  scripted vCPU takes them again by itself (its touch meets the same userfault bit or
+  private/shared mismatch) or not at all.
+
+Faults with no vCPU (host accesses) or no gpa are left out and counted in `ScriptInfo`.
+"""
+
+from __future__ import annotations
+
+import bisect
+import errno as E
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from fakekvm.abi import kvm as K
+from fakekvm.fake.cpu.exits import HltExit, IoExit, MmioExit, ShutdownExit
+from fakekvm.fake.kvm.scripted import Step, Touch
+from replay.events import Call, Event, Fault
+
+_EXIT_OFF = 32
+_WRITES = frozenset({"write", "wp"})
+
+
+@dataclass
+class ScriptInfo:
+    """What went into the scripts, and what was left out."""
+
+    touches: dict[int, int] = field(default_factory=dict)  #: vCPU -> touches
+    exits: dict[int, int] = field(default_factory=dict)  #: vCPU -> guest exits
+    skipped_faults: int = 0  #: no vCPU or no gpa (host accesses), or outside every run
+    skipped_exits: int = 0  #: environment exits (MEMORY_FAULT, EINTR) and undecodable ones
+
+
+def decode_exit(out: bytes) -> IoExit | MmioExit | HltExit | ShutdownExit | None:
+    """The guest exit a recorded ``KVM_RUN`` returned (recorder layout: kvm_run head + PIO data)."""
+    if len(out) < _EXIT_OFF + 24:
+        return None
+    reason = int.from_bytes(out[8:12], "little")
+    if reason == K.KVM_EXIT_IO:
+        direction, size, port, count, _data_offset = K.kvm_run_io_fmt.unpack_from(out, _EXIT_OFF)
+        n = size * count
+        head = 0x120
+        data = out[head : head + n] if len(out) >= head + n else bytes(n)
+        return IoExit(direction, size, port, count, bytes(data))
+    if reason == K.KVM_EXIT_MMIO:
+        gpa, data, length, is_write = K.kvm_run_mmio_fmt.unpack_from(out, _EXIT_OFF)
+        return MmioExit(gpa, length, bool(is_write), bytes(data[:length]) if is_write else b"")
+    if reason == K.KVM_EXIT_HLT:
+        return HltExit()
+    if reason == K.KVM_EXIT_SHUTDOWN:
+        return ShutdownExit()
+    return None
+
+
+def scripts_from_events(events: Iterable[Event]) -> tuple[dict[int, list[Step]], ScriptInfo]:
+    """Per-vCPU scripts (see the module docstring) and a `ScriptInfo`."""
+    runs: dict[int, list[Call]] = {}
+    faults: dict[int, list[Fault]] = {}
+    info = ScriptInfo()
+    for ev in events:
+        if type(ev) is Call:
+            if ev.name == "KVM_RUN" and ev.vcpu >= 0:
+                runs.setdefault(ev.vcpu, []).append(ev)
+        elif type(ev) is Fault:
+            if ev.vcpu < 0 or ev.gpa < 0:
+                info.skipped_faults += 1
+            else:
+                faults.setdefault(ev.vcpu, []).append(ev)
+    scripts: dict[int, list[Step]] = {}
+    for vcpu in sorted(set(runs) | set(faults)):
+        script = scripts[vcpu] = []
+        vruns = runs.get(vcpu, [])
+        vfaults = sorted(faults.get(vcpu, []), key=lambda f: f.observed_ns)
+        ends = [r.t_ns + r.dur_ns for r in vruns]
+        # the run each fault happened in: the first run that ended at or after its observation
+        placed: dict[int, list[Fault]] = {}
+        for f in vfaults:
+            i = bisect.bisect_left(ends, f.observed_ns)
+            if i >= len(vruns):
+                info.skipped_faults += 1
+                continue
+            placed.setdefault(i, []).append(f)
+        n_touch = n_exit = 0
+        for i, r in enumerate(vruns):
+            mark = r.t_ns
+            for f in placed.get(i, ()):
+                think = max(0, f.observed_ns - mark)
+                script.append(Touch(f.gpa, write=f.access in _WRITES, think_ns=think))
+                n_touch += 1
+                mark = max(mark, f.resolved_ns or f.observed_ns)
+            if r.errno in (E.EFAULT, E.EINTR):
+                info.skipped_exits += 1
+                continue
+            ex = decode_exit(r.out) if r.errno == 0 else None
+            if ex is None:
+                info.skipped_exits += 1
+                continue
+            script.append(ex)
+            n_exit += 1
+        info.touches[vcpu] = n_touch
+        info.exits[vcpu] = n_exit
+    return scripts, info
