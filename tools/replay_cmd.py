@@ -1,0 +1,101 @@
+"""``fakekvm replay --mode serve|verify|workload TRACE``.
+
+* ``serve``: run the VMM code again against a :class:`~replay.serve.ReplayKernel` that
+  answers from the trace alone (no KVM, no fake). Supported today: traces of a `GuestVM` run
+  of a guest image that takes no parameters (``header.guest`` = ``hello``): memory size and
+  vCPU count are read back from the trace. Exit status 0 when the run matched the trace to
+  the end, 1 on a divergence (the decoded report is printed), 2 when the trace cannot be read
+  or served.
+* ``verify`` and ``workload`` are not implemented yet: a clear message and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import struct
+import sys
+from typing import Any
+
+MODES = ("verify", "serve", "workload")
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser("replay", help="replay a recorded trace (serve; verify/workload later)")
+    p.add_argument("--mode", choices=MODES, required=True)
+    p.add_argument("trace")
+    p.add_argument("--window", type=int, default=64,
+                   help="serve: how far ahead in a stream a call may match")  # fmt: skip
+    p.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.mode != "serve":
+        print(f"fakekvm replay --mode {args.mode}: not implemented yet (only --mode serve is)",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    from replay.format import TraceError
+
+    try:
+        return serve(args.trace, window=args.window)
+    except TraceError as e:
+        print(f"fakekvm: bad trace (byte {e.offset}): {e}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as e:
+        print(f"fakekvm: {e.filename}: {e.strerror}", file=sys.stderr)
+        return 2
+
+
+#: guest images that need no parameters: name -> builder
+def _image(name: str) -> Any:
+    from fakekvm.guests import workloads
+
+    return {"hello": workloads.hello_image}.get(name)
+
+
+def serve(path: str, *, window: int = 64) -> int:
+    from fakekvm.abi import kvm
+    from fakekvm.guests import GuestError, GuestVM
+    from replay.events import Call
+    from replay.format import open_trace
+    from replay.serve import ReplayDivergence, ReplayKernel
+
+    with open_trace(path) as reader:
+        header = reader.header
+        events = list(reader)
+        if reader.stopped_at:
+            print(f"{path}: {reader.stopped_at}", file=sys.stderr)
+    build = _image(header.guest or "")
+    if build is None or any(a == "migrate" for a in header.argv):
+        what = " ".join(header.argv) or f"guest {header.guest!r}"
+        print(f"fakekvm replay --mode serve: serving this trace ({what}) is not implemented "
+              "yet; supported: GuestVM runs of the hello guest", file=sys.stderr)  # fmt: skip
+        return 2
+    calls = [e for e in events if isinstance(e, Call)]
+    region = next((c for c in calls if c.name == "KVM_SET_USER_MEMORY_REGION"), None)
+    if region is None or len(region.inp) < kvm.kvm_userspace_memory_region_fmt.size:
+        print("fakekvm replay --mode serve: the trace sets no memory slot", file=sys.stderr)
+        return 2
+    mem_size = struct.unpack_from("<Q", region.inp, 16)[0]
+    vcpus = sum(1 for c in calls if c.name == "KVM_CREATE_VCPU" and not c.errno)
+    rk = ReplayKernel(header, events, window=window)
+    try:
+        with GuestVM(rk, mem_size, vcpus=vcpus) as vm:
+            vm.load(build())
+            for v in range(vcpus):
+                r = vm.run(v, check=False)
+                print(f"vCPU {v}: stop={r.stop} exits={len(r.exits)} reports={r.reports} "
+                      f"serial={r.text!r}" + (f" error={r.error}" if r.error else ""))  # fmt: skip
+    except ReplayDivergence as e:
+        print(str(e))
+        return 1
+    except GuestError as e:
+        print(f"guest error: {e}")
+        return 1
+    finally:
+        rk.shutdown()
+    left = [c for c in rk.pending() if c.op not in ("close", "munmap")]
+    if left:
+        print(f"replay ended with {len(left)} recorded calls not made; the first: #{left[0].seq}")
+        return 1
+    print(f"served {rk.matcher.matched} calls from the trace: same as recorded")
+    return 0
