@@ -158,6 +158,9 @@ class Profile:
     pre_fault_memory: str = "supported"
     #: int3 with IDT.limit=0 -> KVM_EXIT_INTERNAL_ERROR (PVM's emulator) instead of SHUTDOWN
     internal_error_on_int3_without_idt: bool = False
+    #: RFLAGS.IOPL reads back as 0 after every exit (PVM runs the guest at hardware CPL3 with
+    #: IOPL 0; measured: a guest entered with IOPL 3 shows rflags 0x46 after its first exit)
+    iopl_lost_on_exit: bool = False
     #: a slot bound to an MMAP-able guest_memfd is served from guest_memfd for shared
     #: accesses too (mainline 6.18 api.rst); PVM here reads userspace_addr (measured)
     gmem_only_slots: bool = True
@@ -221,6 +224,7 @@ PVM_6_18 = Profile(
     bad_hva_exit="mmio",
     pre_fault_memory="eopnotsupp",
     internal_error_on_int3_without_idt=True,
+    iopl_lost_on_exit=True,
     gmem_only_slots=False,
 )
 

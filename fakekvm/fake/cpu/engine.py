@@ -388,6 +388,12 @@ class X86Cpu(CpuState, GuestMemory):
         es_base = 0 if self.code_size() == 8 else self.segment("es")[1]
         return es_base + (rdi & mask)
 
+    def and_rflags(self, mask: int) -> None:
+        """``rflags &= mask`` between runs (a profile's exit-time quirk: PVM drops IOPL)."""
+        r = self.uc.reg_read(UC_X86_REG_RFLAGS)
+        if r & ~mask:
+            self.uc.reg_write(UC_X86_REG_RFLAGS, r & mask)
+
     # ------------------------------------------------------------------ requests
     def kick(self) -> None:
         """Make a running (or the next) ``run()`` return :class:`Interrupted`."""

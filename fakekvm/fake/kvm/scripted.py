@@ -107,6 +107,9 @@ class ScriptedCpu:
     def rflags_cr8(self) -> tuple[int, int]:
         return self._regs["rflags"], self.cr8
 
+    def and_rflags(self, mask: int) -> None:
+        self._regs["rflags"] &= mask
+
     def kick(self) -> None:
         """Make a running (or the next) ``run()`` return `Interrupted` (think time included)."""
         with self._wq.lock:
@@ -166,7 +169,8 @@ def scripted_factory(
 
     def make(vm: Any, vcpu: Any, translate: Callable[[int, bool, bool], Any]) -> ScriptedCpu:
         return ScriptedCpu(
-            translate, scripts.get(vcpu.vcpu_id, ()), domain=vm.kernel.waits, think=think
-        )
+            translate, scripts.get(vcpu.vcpu_id, ()), domain=vm.kernel.waits, think=think,
+            apic_base=getattr(vcpu, "reset_apic_base", 0xFEE00900),
+        )  # fmt: skip
 
     return make

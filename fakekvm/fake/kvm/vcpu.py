@@ -76,6 +76,7 @@ _MF = K.kvm_run_memory_fault_fmt
 _INTERNAL = struct.Struct("<IIQB15s5Q")
 _U32 = struct.Struct("<I")
 _EXIT_OFF = K.KVM_RUN_EXIT_OFFSET
+_RFLAGS_IOPL = 3 << 12
 
 #: kvm_vcpu_events right after KVM_CREATE_VCPU on the live host: flags = NMI_PENDING|SHADOW|SMM valid
 _RESET_EVENTS = bytes(20) + _U32.pack(
@@ -128,6 +129,10 @@ class FakeVcpu(FakeFile):
         # The unicorn instance (~3 MiB with its code cache) is made on first use, so a VMM
         # that creates many vCPUs (KVM_CAP_MAX_VCPUS is 1024) pays only for those it uses.
         self._pvm = pvm
+        #: MSR_IA32_APICBASE at reset: enabled at 0xfee00000, BSP bit only on vCPU 0
+        #: (kvm_vcpu_is_reset_bsp; measured: vCPU 1 reads 0xfee00800)
+        self.reset_apic_base = 0xFEE00900 if vcpu_id == 0 else 0xFEE00800
+        self._iopl_lost = bool(getattr(profile, "iopl_lost_on_exit", False))
         self._cpu: X86Cpu | None = None
         self._cpu_lock = threading.Lock()
         self._kick_early = False
@@ -162,7 +167,8 @@ class FakeVcpu(FakeFile):
                     if factory is not None:  # e.g. a trace-driven vCPU (fakekvm.fake.kvm.scripted)
                         c = factory(self.vm, self, for_vcpu(self.vm, self))
                     else:
-                        c = X86Cpu(for_vcpu(self.vm, self), pvm_emulation=self._pvm)
+                        c = X86Cpu(for_vcpu(self.vm, self), apic_base=self.reset_apic_base,
+                                   pvm_emulation=self._pvm)  # fmt: skip
                     c.on_emulation_arm = self._emulation_arm
                     if self._kick_early:
                         c.kick()
@@ -302,6 +308,8 @@ class FakeVcpu(FakeFile):
                 break
         finally:
             self.faulter = None
+            if self._iopl_lost:
+                self.cpu.and_rflags(~_RFLAGS_IOPL)
         return self._report(ex)
 
     def _response(self) -> bytes | None:
