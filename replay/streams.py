@@ -251,7 +251,7 @@ def _key(c: Call, n: _Norm, new_fd: str | None, where: str) -> tuple[Any, ...] |
     if op == "ioctl":
         if c.request == K.KVM_RUN:
             return _run_key(c)
-        return (n.fd(c.fd),) + _ioctl_key(c, n)
+        return (n.fd(c.fd), *_ioctl_key(c, n))
     if op == "mmap":
         return ("mmap", n.fd(c.fd) if c.fd >= 0 else -1, c.iarg, *c.args[:3], where or c.errno)
     if op in ("munmap", "madvise", "mremap"):
@@ -342,7 +342,7 @@ def compare_streams(expected: Streams, got: Streams, context: int = 5) -> Diverg
         return Divergence("others", -1, missing, extra)
     ra, rb = expected.attributes.runs(0, 1 << 52), got.attributes.runs(0, 1 << 52)
     if ra != rb:
-        diff = [(x, y) for x, y in zip(ra, rb) if x != y][:1] or [(ra[len(rb):][:1], rb[len(ra):][:1])]
+        diff = [(x, y) for x, y in zip(ra, rb, strict=False) if x != y][:1] or [(ra[len(rb):][:1], rb[len(ra):][:1])]
         return Divergence("attributes", -1, diff[0][0], diff[0][1])
     if expected.filled != got.filled:
         missing = sorted(expected.filled - got.filled)[:5]
