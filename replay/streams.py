@@ -184,9 +184,15 @@ def split_streams(events: Iterable[Event]) -> Streams:
             main_tid = c.tid
         # keep the numbering in step with every call, whatever part it lands in
         where = n.addr(c.args[0]) if op in ("munmap", "madvise") and c.args else ""
-        role = "main" if c.tid == main_tid else ("vcpu" if c.fd_kind.startswith("kvm-vcpu:") else "w")
+        role = (
+            "main" if c.tid == main_tid else ("vcpu" if c.fd_kind.startswith("kvm-vcpu:") else "w")
+        )
         if op == "mmap" and c.errno == 0 and c.iarg:
-            sig = "m" if role == "main" else f"{role}:{n.fd(c.fd) if c.fd >= 0 else 'anon'}:{c.iarg:#x}"
+            sig = (
+                "m"
+                if role == "main"
+                else f"{role}:{n.fd(c.fd) if c.fd >= 0 else 'anon'}:{c.iarg:#x}"
+            )
             where = n.mapped(c.ret, c.iarg, sig)
         elif op == "munmap" and c.errno == 0 and len(c.args) >= 2:
             n.unmapped(c.args[0], c.args[1])
@@ -194,7 +200,9 @@ def split_streams(events: Iterable[Event]) -> Streams:
             n.unmapped(c.args[0], c.args[1])
             where = n.mapped(c.ret, c.args[2], f"{role}:remap:{c.args[2]:#x}")
         new_fd = None
-        if c.errno == 0 and (op in _FD_RETURNING_OPS or (op == "ioctl" and c.request in _FD_RETURNING_IOCTLS)):
+        if c.errno == 0 and (
+            op in _FD_RETURNING_OPS or (op == "ioctl" and c.request in _FD_RETURNING_IOCTLS)
+        ):
             new_fd = n.new_fd(c.ret, _created_kind(c))
         if op in _SKIP_OPS:
             continue
@@ -294,7 +302,9 @@ class Divergence:
     got_call: Call | None = None
 
     def report(self) -> str:
-        lines = [f"divergence in {self.part}" + (f" at entry {self.index}" if self.index >= 0 else "")]
+        lines = [
+            f"divergence in {self.part}" + (f" at entry {self.index}" if self.index >= 0 else "")
+        ]
         if self.expected_call is not None:
             lines.append(f"  recorded: seq {self.expected_call.seq}: {_brief(self.expected_call)}")
         if self.got_call is not None:
@@ -332,7 +342,11 @@ def compare_streams(expected: Streams, got: Streams, context: int = 5) -> Diverg
             y = b[i] if i < len(b) else None
             if x != y:
                 return Divergence(
-                    name, i, x, y, a[max(0, i - context) : i],
+                    name,
+                    i,
+                    x,
+                    y,
+                    a[max(0, i - context) : i],
                     expected.origin.get(name, [])[i] if i < len(a) else None,
                     got.origin.get(name, [])[i] if i < len(b) else None,
                 )
@@ -342,10 +356,13 @@ def compare_streams(expected: Streams, got: Streams, context: int = 5) -> Diverg
         return Divergence("others", -1, missing, extra)
     ra, rb = expected.attributes.runs(0, 1 << 52), got.attributes.runs(0, 1 << 52)
     if ra != rb:
-        diff = [(x, y) for x, y in zip(ra, rb, strict=False) if x != y][:1] or [(ra[len(rb):][:1], rb[len(ra):][:1])]
-        return Divergence("attributes", -1, diff[0][0], diff[0][1])
+        i = next(
+            (j for j, (x, y) in enumerate(zip(ra, rb, strict=False)) if x != y),
+            min(len(ra), len(rb)),
+        )
+        return Divergence("attributes", i, ra[i : i + 1], rb[i : i + 1])
     if expected.filled != got.filled:
-        missing = sorted(expected.filled - got.filled)[:5]
-        extra = sorted(got.filled - expected.filled)[:5]
-        return Divergence("coverage", -1, missing, extra)
+        lost = sorted(expected.filled - got.filled)[:5]
+        more = sorted(got.filled - expected.filled)[:5]
+        return Divergence("coverage", -1, lost, more)
     return None
