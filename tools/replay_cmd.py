@@ -6,7 +6,10 @@
   vCPU count are read back from the trace. Exit status 0 when the run matched the trace to
   the end, 1 on a divergence (the decoded report is printed), 2 when the trace cannot be read
   or served.
-* ``verify`` and ``workload`` are not implemented yet: a clear message and exit status 2.
+* ``verify``: run the recorded ``fakekvm migrate`` command again on the fake, recorded, and
+  compare the two recordings' canonical streams (:mod:`replay.verify`). Exit status 0 when they
+  agree, 1 on a divergence (both sides decoded), 2 when the trace cannot be read or replayed.
+* ``workload`` is not implemented yet: a clear message and exit status 2.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ MODES = ("verify", "serve", "workload")
 
 
 def add_parser(sub: Any) -> None:
-    p = sub.add_parser("replay", help="replay a recorded trace (serve; verify/workload later)")
+    p = sub.add_parser("replay", help="replay a recorded trace (serve, verify; workload later)")
     p.add_argument("--mode", choices=MODES, required=True)
     p.add_argument("trace")
     p.add_argument("--window", type=int, default=64,
@@ -29,13 +32,15 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.mode != "serve":
-        print(f"fakekvm replay --mode {args.mode}: not implemented yet (only --mode serve is)",
+    if args.mode == "workload":
+        print(f"fakekvm replay --mode {args.mode}: not implemented yet (serve and verify are)",
               file=sys.stderr)  # fmt: skip
         return 2
     from replay.format import TraceError
 
     try:
+        if args.mode == "verify":
+            return verify(args.trace)
         return serve(args.trace, window=args.window)
     except TraceError as e:
         print(f"fakekvm: bad trace (byte {e.offset}): {e}", file=sys.stderr)
@@ -99,3 +104,16 @@ def serve(path: str, *, window: int = 64) -> int:
         return 1
     print(f"served {rk.matcher.matched} calls from the trace: same as recorded")
     return 0
+
+
+def verify(path: str) -> int:
+    from replay.verify import VerifyError
+    from replay.verify import verify as run_verify
+
+    try:
+        res = run_verify(path)
+    except VerifyError as e:
+        print(f"fakekvm replay --mode verify: {e}", file=sys.stderr)
+        return 2
+    print(res.report())
+    return 0 if res.ok else 1
