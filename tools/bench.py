@@ -149,6 +149,8 @@ def format_results(results: list[Result]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.qemu:
+        return _run_qemu(args)
     only = set(args.only.split(",")) if args.only else None
     results = run_all(only, repeat=args.repeat, quick=args.quick)
     if args.json:
@@ -162,10 +164,31 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_qemu(args: argparse.Namespace) -> int:
+    """``--qemu``: QEMU's post-copy vs the engine (tools/bench_qemu.py); ``--only`` names the
+    workloads (default idle,random), ``--quick`` uses 64 MiB instead of 512 MiB."""
+    from tools import bench_qemu
+
+    p = argparse.ArgumentParser()
+    bench_qemu.add_arguments(p)
+    qargs = p.parse_args([])
+    qargs.repeat, qargs.json = args.repeat, args.json
+    if args.only:
+        qargs.workloads = args.only
+    if args.quick:
+        qargs.mem = 64 << 20
+    return bench_qemu.run(qargs)
+
+
 def add_parser(sub: Any) -> None:
     p = sub.add_parser("bench", help="run the same workloads on the real kernel and the fake, side by side")
     p.add_argument("--only", help="comma-separated: check_extension,first_touch,uffd_fault,uffd_fault_batch")
     p.add_argument("--repeat", type=int, default=3, help="repetitions per measurement (median)")
     p.add_argument("--quick", action="store_true", help="smaller sizes (for smoke tests)")
     p.add_argument("--json", action="store_true")
+    p.add_argument(
+        "--qemu",
+        action="store_true",
+        help="QEMU 7.2 post-copy vs fakekvm's engine, same workload (--only: idle,sequential,random)",
+    )
     p.set_defaults(handler=run)

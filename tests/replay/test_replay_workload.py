@@ -11,13 +11,37 @@ from replay.events import Call, Fault
 from replay.workload import scripts_from_events
 
 
-def _run(seq: int, vcpu: int, t: int, dur: int, reason: int, exit_bytes: bytes = b"", data: bytes = b"",
-         err: int = 0) -> Call:
+def _run(
+    seq: int,
+    vcpu: int,
+    t: int,
+    dur: int,
+    reason: int,
+    exit_bytes: bytes = b"",
+    data: bytes = b"",
+    err: int = 0,
+) -> Call:
     head = bytearray(0x120)
     head[8:12] = reason.to_bytes(4, "little")
     head[32 : 32 + len(exit_bytes)] = exit_bytes
-    return Call(seq, 100 + vcpu, t, dur, "ioctl", 5 + vcpu, f"kvm-vcpu:{vcpu}", vcpu, K.KVM_RUN, "KVM_RUN",
-                0, [], b"", bytes(head) + data, -1 if err else 0, err)
+    return Call(
+        seq,
+        100 + vcpu,
+        t,
+        dur,
+        "ioctl",
+        5 + vcpu,
+        f"kvm-vcpu:{vcpu}",
+        vcpu,
+        K.KVM_RUN,
+        "KVM_RUN",
+        0,
+        [],
+        b"",
+        bytes(head) + data,
+        -1 if err else 0,
+        err,
+    )
 
 
 def test_faults_become_touches_inside_their_run_with_think_time() -> None:
@@ -26,7 +50,9 @@ def test_faults_become_touches_inside_their_run_with_think_time() -> None:
         _run(0, 0, 1_000, 9_000, K.KVM_EXIT_IO, io, b"\x07\0\0\0"),  # [1000, 10000]: 2 faults
         Fault(1, 100, 0, 0x5000, 0x7F0000005000, "write", "uffd-missing", 3_000, 4_000, "copy"),
         Fault(2, 100, 0, 0x9000, 0x7F0000009000, "read", "uffd-missing", 6_000, 7_000, "copy"),
-        Fault(3, 999, -1, -1, 0x7F000000A000, "read", "uffd-missing", 6_500, 6_600, "copy"),  # host access
+        Fault(
+            3, 999, -1, -1, 0x7F000000A000, "read", "uffd-missing", 6_500, 6_600, "copy"
+        ),  # host access
         _run(4, 0, 12_000, 3_000, K.KVM_EXIT_MEMORY_FAULT, b"", b"", errno.EFAULT),  # kvm userfault
         Fault(5, 100, 0, 0xB000, -1, "userfault", "kvm-userfault", 15_000, 16_000, "rerun"),
         _run(6, 0, 16_000, 1_000, K.KVM_EXIT_HLT),

@@ -56,7 +56,9 @@ def test_touches_block_on_userfaultfd_and_exits_come_back_in_order() -> None:
                 for _ in range(2):
                     _ev, flags, addr, ptid = UU.uffd_msg_pagefault_fmt.unpack(k.read(fd, 32))  # type: ignore[attr-defined]
                     seen.append((flags, addr, ptid))
-                    buf = bytearray(UU.uffdio_copy_fmt.pack(addr & ~(PAGE - 1), src.address, PAGE, 0, 0))
+                    buf = bytearray(
+                        UU.uffdio_copy_fmt.pack(addr & ~(PAGE - 1), src.address, PAGE, 0, 0)
+                    )
                     k.ioctl(fd, UU.UFFDIO_COPY, buf)
 
             h = threading.Thread(target=handler, daemon=True)
@@ -91,8 +93,19 @@ def test_kvm_userfault_touch_exits_and_is_retried_after_the_bit_clears() -> None
         with GS.vm(k, 0) as v:
             mem = k.mmap(-1, 8 * PAGE, RW, ANON)
             words = (ctypes.c_uint64 * 1)(0b100)
-            buf = bytearray(KU.kvm_userspace_memory_region2_fmt.pack(
-                0, KU.KVM_MEM_USERFAULT, 0, 8 * PAGE, mem.address, 0, 0, 0, ctypes.addressof(words)))
+            buf = bytearray(
+                KU.kvm_userspace_memory_region2_fmt.pack(
+                    0,
+                    KU.KVM_MEM_USERFAULT,
+                    0,
+                    8 * PAGE,
+                    mem.address,
+                    0,
+                    0,
+                    0,
+                    ctypes.addressof(words),
+                )
+            )
             k.ioctl(v, K.KVM_SET_USER_MEMORY_REGION2, buf)
             vfd, run = _vcpu(k, v)
             with pytest.raises(OSError) as ei:
