@@ -17,6 +17,8 @@ virtual time.
 
 from __future__ import annotations
 
+from typing import Any
+
 import msgspec
 
 #: bump when a reader of the previous version cannot read the new files
@@ -100,3 +102,22 @@ class Contents(msgspec.Struct, tag="contents", omit_defaults=True, forbid_unknow
 
 
 Event = Call | Fault | Contents
+
+
+class KernelEvent(msgspec.Struct, tag="kevent", omit_defaults=True, forbid_unknown_fields=False):
+    """One kernel tracepoint hit read from tracefs (``replay.tracefs``), e.g. ``kvm:kvm_exit``.
+
+    Not part of `Event` (the trace chunks do not store it yet); `replay.tracefs.merge`
+    interleaves these with recorded events by time. ``fields`` are decoded by the event's
+    ``format`` file (``common_*`` fields left out): integers as ``int``, ``char`` arrays and
+    ``__data_loc char[]`` as ``str``, anything else as ``bytes``.
+    """
+
+    t_ns: int  #: trace_clock ``mono``: the same clock as ``time.monotonic_ns()``
+    cpu: int  #: the CPU whose ring buffer held it
+    pid: int  #: ``common_pid``: the thread id that hit the tracepoint
+    system: str  #: "kvm", "kvmmmu", ...
+    name: str  #: "kvm_exit", "kvm_userspace_exit", ...
+    #: values are ``int | bytes | str``; typed ``Any`` because msgspec cannot decode a union of
+    #: two str-like types (msgpack keeps bytes and str apart, so they round-trip)
+    fields: dict[str, Any] = msgspec.field(default_factory=dict)
