@@ -11,6 +11,9 @@ Handler = Callable[[argparse.Namespace], int]
 
 # Each module in tools/ named here provides add_parser(subparsers) and sets a handler.
 SUBCOMMANDS = ["doctor", "migrate", "bench"]
+SUBCOMMANDS.append("trace")  # fakekvm trace show|stats|diff|plot
+SUBCOMMANDS.append("replay_cmd")  # fakekvm replay --mode ...
+SUBCOMMANDS.append("capture")  # fakekvm capture -o FILE -- COMMAND
 
 
 def build_parser() -> argparse.ArgumentParser:
