@@ -9,8 +9,9 @@ Every kernel the command makes through `postcopy.migrate.make_kernel` is then wr
 
 Privilege: capture needs exactly what the command needs (``/dev/kvm`` access for
 ``--kernel real``, and userfaultfd: root, ``vm.unprivileged_userfaultfd=1`` or access to
-``/dev/userfaultfd``); it adds nothing but the right to write ``FILE``. The optional kernel
-tracepoint join (tracefs) is not implemented.
+``/dev/userfaultfd``); it adds nothing but the right to write ``FILE``. With ``--kvm-trace`` it
+also reads the kvm tracepoints from a private tracefs instance into ``FILE.kevents``, which needs
+root (tracefs is 0700 root:root here); ``fakekvm trace show`` interleaves them by time.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ __all__ = ["CaptureResult", "TraceSummary", "capture", "summarize"]
 ENV_TRACE = "FAKEKVM_TRACE"
 ENV_CONTENTS = "FAKEKVM_TRACE_CONTENTS"
 ENV_ARGV = "FAKEKVM_TRACE_ARGV"
+#: the side file of kernel tracepoint hits (``capture --kvm-trace``)
+KEVENTS = ".kevents"
 
 
 @dataclass
@@ -62,6 +65,10 @@ class TraceSummary:
 class CaptureResult:
     returncode: int
     traces: list[TraceSummary] = field(default_factory=list)
+    #: with ``kvm_trace``: kernel tracepoint hits saved to ``FILE.kevents``, and the events
+    #: this kernel does not have (name -> why)
+    kevents: int | None = None
+    kevents_skipped: dict[str, str] = field(default_factory=dict)
 
 
 def summarize(path: str) -> TraceSummary:
@@ -90,8 +97,26 @@ def _is_fakekvm(command: Sequence[str]) -> bool:
     return bool(command) and os.path.basename(command[0]) == "fakekvm"
 
 
-def capture(output: str, command: Sequence[str], *, with_contents: bool = False) -> CaptureResult:
-    """Run ``command`` recorded into ``output`` (and ``output.source``); see the module doc."""
+def capture(
+    output: str, command: Sequence[str], *, with_contents: bool = False, kvm_trace: bool = False
+) -> CaptureResult:
+    """Run ``command`` recorded into ``output`` (and ``output.source``); see the module doc.
+
+    ``kvm_trace``: also read the kernel's kvm tracepoints (`replay.tracefs`) for the command's
+    threads and children, written to ``output.kevents`` (needs root: see `tracefs_status`).
+    """
+    if kvm_trace:
+        from replay.tracefs import TracefsSession, save_kevents, tracefs_status
+
+        ok, why = tracefs_status()
+        if not ok:
+            raise OSError(f"capture --kvm-trace: {why}")
+        with TracefsSession() as session:
+            result = capture(output, command, with_contents=with_contents)
+        save_kevents(os.path.abspath(output) + KEVENTS, session.events)
+        result.kevents = len(session.events)
+        result.kevents_skipped = dict(session.skipped)
+        return result
     if not command:
         raise ValueError("capture: no command to run")
     output = os.path.abspath(output)

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 from fakekvm.abi import kvm, kvm_userfault, mman, names, uffd
 from fakekvm.abi.ioctl import _IOC_DIR, _IOC_READ, _IOC_WRITE
-from replay.events import Call, Contents, Event, Fault, Header
+from replay.events import Call, Contents, Event, Fault, Header, KernelEvent
 
 #: hex dumps of undecodable bytes stop after this many bytes
 HEX_LIMIT = 64
@@ -502,7 +502,11 @@ class ShowFilter:
     relative: bool = False  #: prefix each line with the time since the previous one
     clock: bool = False  #: also the ``monotonic_ns``/``gettid`` calls
 
-    def keep(self, ev: Event) -> bool:
+    def keep(self, ev: Event | KernelEvent) -> bool:
+        if isinstance(ev, KernelEvent):
+            return not self.faults_only and self.name is None and self.fd_kind is None and (
+                self.tid is None or ev.pid == self.tid
+            )
         if isinstance(ev, Fault):
             if self.tid is not None and ev.tid != self.tid:
                 return False
@@ -523,24 +527,40 @@ class ShowFilter:
         return self.name is None or self.name in (ev.name, ev.op)
 
 
-def _event_t(ev: Event) -> int | None:
-    if isinstance(ev, Call):
+def _event_t(ev: Event | KernelEvent) -> int | None:
+    if isinstance(ev, (Call, KernelEvent)):
         return ev.t_ns
     if isinstance(ev, Fault):
         return ev.observed_ns
     return None
 
 
-def format_event(ev: Event) -> str:
+def format_event(ev: Event | KernelEvent) -> str:
     if isinstance(ev, Call):
         return format_call(ev)
     if isinstance(ev, Fault):
         return format_fault(ev)
+    if isinstance(ev, KernelEvent):
+        return format_kevent(ev)
     return format_contents(ev)
 
 
+def format_kevent(k: KernelEvent) -> str:
+    """A kernel tracepoint hit (``capture --kvm-trace``): ``== kvm:kvm_userspace_exit ...``."""
+
+    def value(v: object) -> str:
+        if isinstance(v, int):
+            return str(v) if -4096 < v < 4096 else f"{v:#x}"
+        if isinstance(v, bytes):
+            return v.hex()
+        return repr(v)
+
+    fields = " ".join(f"{name}={value(v)}" for name, v in k.fields.items())
+    return f"== {k.system}:{k.name} cpu{k.cpu} pid {k.pid} {fields}".rstrip()
+
+
 def show_lines(
-    header: Header, events: Iterable[Event], flt: ShowFilter | None = None
+    header: Header, events: Iterable[Event | KernelEvent], flt: ShowFilter | None = None
 ) -> Iterator[str]:
     """The lines of ``trace show`` for ``events`` (streamed: nothing is kept)."""
     flt = flt or ShowFilter()

@@ -1,6 +1,6 @@
 """``fakekvm capture``: run a command with the recorder under its kernel seam.
 
-    fakekvm capture -o FILE [--with-contents] -- fakekvm migrate --kernel real ...
+    fakekvm capture -o FILE [--with-contents] [--kvm-trace] -- fakekvm migrate --kernel real ...
 
 The command after ``--`` runs with ``FAKEKVM_TRACE=FILE`` set (in this process when it is a
 ``fakekvm`` subcommand, else as a subprocess); a migration's destination writes ``FILE`` and its
@@ -29,6 +29,10 @@ def add_parser(sub: Any) -> None:
     p.add_argument(
         "--with-contents", action="store_true", help="also record guest memory bytes (private!)"
     )
+    p.add_argument(
+        "--kvm-trace", action="store_true",
+        help="also record the kernel's kvm tracepoints into FILE.kevents (root)",
+    )  # fmt: skip
     p.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS...]")
     p.set_defaults(handler=run)
 
@@ -43,9 +47,18 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    result = capture(args.output, command, with_contents=args.with_contents)
+    try:
+        result = capture(args.output, command, with_contents=args.with_contents,
+                         kvm_trace=args.kvm_trace)  # fmt: skip
+    except OSError as e:
+        print(f"fakekvm {e}", file=sys.stderr)
+        return 2
     for t in result.traces:
         print(f"fakekvm capture: {t.line()}", file=sys.stderr)
+    if result.kevents is not None:
+        missing = ", ".join(sorted(result.kevents_skipped)) or "none"
+        print(f"fakekvm capture: {args.output}.kevents: {result.kevents} kvm tracepoint hits "
+              f"(not on this kernel: {missing})", file=sys.stderr)  # fmt: skip
     if not result.traces:
         print(
             f"fakekvm capture: the command wrote no trace (it made no kernel through the "

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -118,7 +119,13 @@ def run_show(args: argparse.Namespace) -> int:
         if not args.no_header:
             for line in header_lines(t.header):
                 out.write(line + "\n")
-        for line in show_lines(t.header, t.events(), flt):
+        events: Iterator[Any] = t.events()
+        kpath = args.trace + ".kevents"
+        if os.path.exists(kpath) and not args.faults_only:  # capture --kvm-trace
+            from replay.tracefs import load_kevents, merge
+
+            events = merge(events, load_kevents(kpath))
+        for line in show_lines(t.header, events, flt):
             out.write(line + "\n")
     finally:
         t.close()
