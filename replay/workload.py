@@ -112,3 +112,110 @@ def scripts_from_events(events: Iterable[Event]) -> tuple[dict[int, list[Step]],
         info.touches[vcpu] = n_touch
         info.exits[vcpu] = n_exit
     return scripts, info
+
+
+# -- running a recording as the workload of a new migration (``replay --mode workload``) --------
+
+
+@dataclass
+class WorkloadRun:
+    """The recorded run's figures next to the replayed one's."""
+
+    command: list[str]
+    info: ScriptInfo
+    recorded: dict[str, float]
+    replayed: dict[str, float]
+    scripted: dict[int, tuple[int, int, int]] = field(
+        default_factory=dict
+    )  #: vCPU -> touches, exits, memory faults
+
+    def report(self) -> str:
+        rows = [("faults", "faults"), ("latency p50 (µs)", "p50_us"), ("latency p99 (µs)", "p99_us"),
+                ("vCPU blocked (ms)", "blocked_ms"), ("total (ms)", "total_ms")]  # fmt: skip
+        out = [f"replayed as workload: {' '.join(self.command)}",
+               f"{'':20s} {'recorded':>12s} {'replay':>12s}"]  # fmt: skip
+        for label, key in rows:
+            a, b = self.recorded.get(key), self.replayed.get(key)
+            fa = "-" if a is None else f"{a:12.1f}"
+            fb = "-" if b is None else f"{b:12.1f}"
+            out.append(f"{label:20s} {fa:>12s} {fb:>12s}")
+        for vcpu, (t, e, mf) in sorted(self.scripted.items()):
+            out.append(
+                f"vCPU {vcpu}: {t} recorded touches replayed, {e} exits, {mf} memory-fault exits"
+            )
+        if self.info.skipped_faults:
+            out.append(
+                f"{self.info.skipped_faults} recorded faults had no vCPU or gpa (host accesses): not replayed"
+            )
+        return "\n".join(out)
+
+
+def run_workload(path: str, *, think: bool = True) -> WorkloadRun:
+    """Migrate on the fake again with the recorded guest behaviour as the workload.
+
+    The destination's vCPUs are `ScriptedCpu` s playing `scripts_from_events` (the recorded
+    touches, think time if ``think``, and the recorded exits, so the engine's report checks
+    pass); the source is the recorded command's own (the same workload and seed build the same
+    memory). Returns both runs' figures: recorded from the trace, replayed from the engine.
+    """
+    import io
+    import json
+    from contextlib import redirect_stdout
+
+    from fakekvm.fake.kvm.scripted import ScriptedCpu, scripted_factory
+    from postcopy import migrate as pm
+    from replay.format import open_trace
+    from replay.stats import compute_stats
+    from replay.verify import VerifyError, replay_command
+    from tools.cli import main
+
+    with open_trace(path) as r:
+        header = r.header
+        events = list(r)
+    scripts, info = scripts_from_events(events)
+    if not any(scripts.values()):
+        raise VerifyError(f"{path}: no vCPU activity to replay")
+    st = compute_stats(header, events)
+    recorded = {
+        "faults": float(st.faults),
+        "p50_us": st.percentile_ns(50) / 1e3,
+        "p99_us": st.percentile_ns(99) / 1e3,
+        "blocked_ms": sum(st.blocked_ns.values()) / 1e6,
+    }
+    command = replay_command(header.argv, header.profile if header.kernel != "real" else None)
+    cpus: list[ScriptedCpu] = []
+    factory = scripted_factory(scripts, think=think)
+
+    def hook(kernel: object, role: str) -> object:
+        if role == "destination":
+
+            def make(vm: object, vcpu: object, translate: object) -> ScriptedCpu:
+                c = factory(vm, vcpu, translate)  # type: ignore[arg-type]
+                cpus.append(c)
+                return c
+
+            kernel.vcpu_factory = make  # type: ignore[attr-defined]
+        return kernel
+
+    argv = [*command[1:], "--json"]
+    buf = io.StringIO()
+    pm.KERNEL_HOOKS.append(hook)  # type: ignore[arg-type]
+    try:
+        with redirect_stdout(buf):
+            rc = main(argv)
+    finally:
+        pm.KERNEL_HOOKS.remove(hook)  # type: ignore[arg-type]
+    if rc != 0:
+        raise VerifyError(f"the replayed migration failed (exit status {rc}): {' '.join(command)}")
+    d = json.loads(buf.getvalue())
+    replayed = {
+        "faults": float(d.get("faults", 0)),
+        "p50_us": d.get("latency-p50-ns", 0) / 1e3,
+        "p99_us": d.get("latency-p99-ns", 0) / 1e3,
+        "blocked_ms": d.get("postcopy-blocktime", 0),
+        "total_ms": d.get("total-time", 0),
+    }
+    res = WorkloadRun(command, info, recorded, replayed)
+    for c in cpus:
+        res.scripted[c.vcpu_id] = (c.stats.touches, c.stats.exits, c.stats.memory_faults)
+    return res

@@ -9,7 +9,10 @@
 * ``verify``: run the recorded ``fakekvm migrate`` command again on the fake, recorded, and
   compare the two recordings' canonical streams (:mod:`replay.verify`). Exit status 0 when they
   agree, 1 on a divergence (both sides decoded), 2 when the trace cannot be read or replayed.
-* ``workload`` is not implemented yet: a clear message and exit status 2.
+* ``workload``: migrate on the fake again with the recorded guest behaviour as the workload:
+  trace-driven vCPUs (:mod:`fakekvm.fake.kvm.scripted`) touch the recorded fault pages in the
+  recorded order (with the recorded think time unless ``--no-think``) and make the recorded
+  exits; prints the recorded and the replayed figures side by side (:mod:`replay.workload`).
 """
 
 from __future__ import annotations
@@ -23,24 +26,24 @@ MODES = ("verify", "serve", "workload")
 
 
 def add_parser(sub: Any) -> None:
-    p = sub.add_parser("replay", help="replay a recorded trace (serve, verify; workload later)")
+    p = sub.add_parser("replay", help="replay a recorded trace: verify, serve, or workload")
     p.add_argument("--mode", choices=MODES, required=True)
     p.add_argument("trace")
     p.add_argument("--window", type=int, default=64,
                    help="serve: how far ahead in a stream a call may match")  # fmt: skip
+    p.add_argument("--no-think", action="store_true",
+                   help="workload: touch without the recorded think time between faults")  # fmt: skip
     p.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.mode == "workload":
-        print(f"fakekvm replay --mode {args.mode}: not implemented yet (serve and verify are)",
-              file=sys.stderr)  # fmt: skip
-        return 2
     from replay.format import TraceError
 
     try:
         if args.mode == "verify":
             return verify(args.trace)
+        if args.mode == "workload":
+            return workload(args.trace, think=not args.no_think)
         return serve(args.trace, window=args.window)
     except TraceError as e:
         print(f"fakekvm: bad trace (byte {e.offset}): {e}", file=sys.stderr)
@@ -117,3 +120,16 @@ def verify(path: str) -> int:
         return 2
     print(res.report())
     return 0 if res.ok else 1
+
+
+def workload(path: str, *, think: bool = True) -> int:
+    from replay.verify import VerifyError
+    from replay.workload import run_workload
+
+    try:
+        res = run_workload(path, think=think)
+    except VerifyError as e:
+        print(f"fakekvm replay --mode workload: {e}", file=sys.stderr)
+        return 2
+    print(res.report())
+    return 0

@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import errno
+from pathlib import Path
+
+import pytest
 
 from fakekvm.abi import kvm as K
 from fakekvm.fake.cpu import HltExit, IoExit
 from fakekvm.fake.kvm.scripted import Touch
+from replay.capture import capture
 from replay.events import Call, Fault
-from replay.workload import scripts_from_events
+from replay.format import open_trace
+from replay.workload import run_workload, scripts_from_events
+from tools.cli import main
 
 
 def _run(
@@ -69,3 +75,28 @@ def test_faults_become_touches_inside_their_run_with_think_time() -> None:
     assert scripts[1] == [HltExit()]
     assert info.skipped_faults == 1 and info.skipped_exits == 1
     assert info.touches == {0: 3, 1: 0} and info.exits == {0: 2, 1: 1}
+
+
+@pytest.mark.real_kernel
+@pytest.mark.real_uffd
+def test_a_real_recording_drives_a_fake_migration(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = str(tmp_path / "r.trace")
+    cmd = ["fakekvm", "migrate", "--kernel", "real", "--mechanism", "uffd-missing", "--mem", "16M",
+           "--vcpus", "2", "--workload", "random"]  # fmt: skip
+    assert capture(out, cmd).returncode == 0
+    with open_trace(out) as r:
+        events = list(r)
+    scripts, _info = scripts_from_events(events)
+    recorded_touches = {v: sum(1 for s in sc if isinstance(s, Touch)) for v, sc in scripts.items()}
+    recorded_exits = {v: sum(1 for s in sc if not isinstance(s, Touch)) for v, sc in scripts.items()}
+    res = run_workload(out, think=False)
+    assert "fake" in res.command
+    # every vCPU played its whole script: each recorded touch, each recorded exit (the engine's
+    # report check passed, so the exits carried the recorded reports)
+    assert {v: t for v, (t, _e, _m) in res.scripted.items()} == recorded_touches
+    assert {v: e for v, (_t, e, _m) in res.scripted.items()} == recorded_exits
+    assert res.recorded["faults"] == sum(1 for ev in events if isinstance(ev, Fault))
+    assert "recorded" in res.report() and "replay" in res.report()
+    capsys.readouterr()
+    assert main(["replay", "--mode", "workload", "--no-think", out]) == 0
+    assert "replayed as workload" in capsys.readouterr().out

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import copy
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -73,7 +73,9 @@ class ScriptedCpu:
         domain: WaitDomain | None = None,
         think: bool = True,
         apic_base: int = 0xFEE00900,
+        vcpu_id: int = 0,
     ) -> None:
+        self.vcpu_id = vcpu_id
         self._translate = translate
         self.script = list(script)
         self.pos = 0
@@ -162,7 +164,7 @@ class ScriptedCpu:
 
 
 def scripted_factory(
-    scripts: dict[int, Sequence[Step]], *, think: bool = True
+    scripts: Mapping[int, Sequence[Step]], *, think: bool = True
 ) -> Callable[[Any, Any, Callable[[int, bool, bool], Any]], ScriptedCpu]:
     """A ``FakeKernel(vcpu_factory=...)`` that gives vCPU ``i`` the script ``scripts[i]``
     (an empty script for a vCPU the trace does not mention)."""
@@ -170,7 +172,7 @@ def scripted_factory(
     def make(vm: Any, vcpu: Any, translate: Callable[[int, bool, bool], Any]) -> ScriptedCpu:
         return ScriptedCpu(
             translate, scripts.get(vcpu.vcpu_id, ()), domain=vm.kernel.waits, think=think,
-            apic_base=getattr(vcpu, "reset_apic_base", 0xFEE00900),
+            apic_base=getattr(vcpu, "reset_apic_base", 0xFEE00900), vcpu_id=vcpu.vcpu_id,
         )  # fmt: skip
 
     return make
