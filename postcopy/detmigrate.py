@@ -24,6 +24,7 @@ verdict still applies (vCPU reports and memory equal to the source's, else
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,6 +33,7 @@ from fakekvm.fake.detprims import deterministic
 from fakekvm.fake.kernel import FakeKernel
 from fakekvm.fake.serial import SerializingKernel
 from fakekvm.guests import layout
+from fakekvm.kernel.seam import Kernel
 from postcopy.destination import Destination
 from postcopy.mechanisms import make_mechanism
 from postcopy.migrate import (
@@ -88,22 +90,26 @@ def migrate_deterministic(
     keep_log: bool = False,
     max_steps: int | None = 50_000_000,
     inject: dict[str, int] | None = None,
+    record: Callable[[Kernel], Kernel] | None = None,
 ) -> DetMigrationResult:
     """Run one migration under the deterministic scheduler (module docstring).
 
     ``inject``: fault-injection knobs of the fake's userfaultfd
     (`fakekvm.fake.uffd.Injections`: ``eagain``, ``eexist_race``,
-    ``remove_before_fault``) armed on every userfaultfd the destination opens."""
+    ``remove_before_fault``) armed on every userfaultfd the destination opens.
+    ``record``: wraps the destination's kernel (e.g. in a ``replay.recorder.RecordingKernel``,
+    whose locks are then made scheduler-aware too); its ``stop_recording`` runs at the end."""
     if o.kernel != "fake":
         raise ValueError("a deterministic migration runs on the fake kernel only")
     net = net or NetOptions()
     mem_digest: list[str] = [""]
-    with deterministic(seed, cost_ns=cost_ns, keep_log=keep_log, max_steps=max_steps) as s:
+    modules = ("postcopy", "replay") if record is not None else ("postcopy",)
+    with deterministic(seed, cost_ns=cost_ns, keep_log=keep_log, max_steps=max_steps, modules=modules) as s:
         profile = o.profile or "6.18-pvm"
         src_fk = FakeKernel(profile, clock=s.clock, scheduler=s)
         dst_fk = FakeKernel(profile, clock=s.clock, scheduler=s)
         try:
-            report, links = _run(o, seed, net, s, src_fk, dst_fk, mem_digest, inject or {})
+            report, links = _run(o, seed, net, s, src_fk, dst_fk, mem_digest, inject or {}, record)
         finally:
             dst_fk.shutdown()
             src_fk.shutdown()
@@ -154,6 +160,7 @@ def _run(
     dst_fk: FakeKernel,
     mem_digest: list[str],
     inject: dict[str, int],
+    record: Callable[[Kernel], Kernel] | None = None,
 ) -> tuple[MigrationReport, dict[str, LinkStats]]:
     g = prepare_source(SerializingKernel(src_fk, s), o.mem_size, o.vcpus, o.workload, o.seed)
     mem = g.vm.mem()
@@ -171,8 +178,11 @@ def _run(
         b_src, b_dst = sim_pair(s, seed=seed * 2 + 2, name="bulk", **kw)
         src.serve(d_src, b_src)
         excluded = [0]
+        dst_k: Kernel = _InjectingKernel(dst_fk, s, inject) if inject else SerializingKernel(dst_fk, s)
+        if record is not None:
+            dst_k = record(dst_k)
         dest = Destination(
-            _InjectingKernel(dst_fk, s, inject) if inject else SerializingKernel(dst_fk, s),
+            dst_k,
             make_mechanism(o.mechanism, huge=o.huge),
             connect=lambda: (d_dst, b_dst),
             run_vcpus=o.workload != "idle",
@@ -201,6 +211,9 @@ def _run(
             result = dest.run()
         finally:
             src.close()
+            stop = getattr(dst_k, "stop_recording", None)
+            if stop is not None:
+                stop()  # a recorder closes its trace (the caller shuts the fake down)
         check_reports(result, g.expect, o.workload)
         links = {
             "demand-to-source": d_dst.stats, "demand-to-destination": d_src.stats,

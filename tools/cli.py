@@ -14,6 +14,7 @@ SUBCOMMANDS = ["doctor", "migrate", "bench"]
 SUBCOMMANDS.append("trace")  # fakekvm trace show|stats|diff|plot
 SUBCOMMANDS.append("replay_cmd")  # fakekvm replay --mode ...
 SUBCOMMANDS.append("capture")  # fakekvm capture -o FILE -- COMMAND
+SUBCOMMANDS.append("explore")  # fakekvm explore --seeds 1-500 ...
 
 
 def build_parser() -> argparse.ArgumentParser:

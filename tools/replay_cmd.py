@@ -27,7 +27,12 @@ MODES = ("verify", "serve", "workload")
 
 def add_parser(sub: Any) -> None:
     p = sub.add_parser("replay", help="replay a recorded trace: verify, serve, or workload")
-    p.add_argument("--mode", choices=MODES, required=True)
+    p.add_argument("--mode", choices=MODES)
+    p.add_argument("--check-determinism", action="store_true",
+                   help="run the trace's migration deterministically -n times: same digests "
+                        "(or the same recorded failure) every time")  # fmt: skip
+    p.add_argument("-n", type=int, default=20, help="--check-determinism: how many runs")
+    p.add_argument("--seed", type=int, help="--check-determinism: the scheduler seed (default: the trace's)")
     p.add_argument("trace")
     p.add_argument("--window", type=int, default=64,
                    help="serve: how far ahead in a stream a call may match")  # fmt: skip
@@ -39,7 +44,12 @@ def add_parser(sub: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     from replay.format import TraceError
 
+    if not args.check_determinism and args.mode is None:
+        print("fakekvm replay: give --mode verify|serve|workload or --check-determinism", file=sys.stderr)
+        return 2
     try:
+        if args.check_determinism:
+            return check_determinism(args.trace, args.n, args.seed)
         if args.mode == "verify":
             return verify(args.trace)
         if args.mode == "workload":
@@ -132,4 +142,19 @@ def workload(path: str, *, think: bool = True) -> int:
         print(f"fakekvm replay --mode workload: {e}", file=sys.stderr)
         return 2
     print(res.report())
+    return 0
+
+
+def check_determinism(path: str, n: int, seed: int | None) -> int:
+    from replay.det import NotDeterministic, check_trace_determinism
+
+    try:
+        outs = check_trace_determinism(path, n, seed=seed)
+    except NotDeterministic as e:
+        print(f"fakekvm replay --check-determinism: NOT deterministic: {e}", file=sys.stderr)
+        return 1
+    except ValueError as e:
+        print(f"fakekvm replay --check-determinism: {e}", file=sys.stderr)
+        return 2
+    print(f"{n} runs, one outcome: {outs[0].line()}")
     return 0

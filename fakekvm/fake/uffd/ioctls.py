@@ -131,8 +131,12 @@ def table(f: UserfaultfdFile) -> dict[int, Handler]:
         if start & (ps - 1) or length & (ps - 1):
             raise OSError(errno.EINVAL, f"{what}: range not aligned to the {ps:#x} huge page")
 
-    def eexist_race(v: Any, start: int, length: int) -> None:
-        """Injection: the page a thread sleeps on appears "by someone else", with no wake."""
+    def eexist_race(v: Any, start: int, length: int, src: int | None = None) -> None:
+        """Injection: the page a thread sleeps on appears "by someone else", with no wake.
+
+        The someone else is a concurrent fill of the same data (another handler thread's
+        ``UFFDIO_COPY`` with ``DONTWAKE`` of ``src``, or a ``CONTINUE``/``ZEROPAGE``), so the
+        caller's ioctl then fails ``EEXIST`` and only an explicit wake lets the waiter go."""
         if not st.inject.eexist_race:
             return
         end = start + min(length, v.page_size)
@@ -143,6 +147,8 @@ def table(f: UserfaultfdFile) -> dict[int, Handler]:
             try:
                 if v.kind == VmaKind.SHMEM and v.uffd_flags & U.UFFDIO_REGISTER_MODE_MINOR:
                     fill.cont(mm, start, v.page_size)
+                elif src is not None:
+                    _copy_pages(mm, v, start, src, v.page_size, False)
                 else:
                     fill.zeropage(mm, start, v.page_size)
             except OSError:
@@ -278,7 +284,7 @@ def table(f: UserfaultfdFile) -> dict[int, Handler]:
             _fillable(v, "UFFDIO_COPY")
             if v.hugetlb:
                 huge_align(v, dst, length, "UFFDIO_COPY")
-            eexist_race(v, dst, length)
+            eexist_race(v, dst, length, src)
             done = _copy_pages(mm, v, dst, src, length, want_wp)
         except MFillError as e:
             done, err = e.done, e
