@@ -10,7 +10,10 @@ received or in flight is not asked for again.
 Nobody sits on the demand channel: a thread waiting for pages it asked for
 reads the demand channel itself (leader/follower: one waiter at a time reads
 and places whatever arrives, the others wait on a condition), so a demand reply
-costs no extra thread hand-off. The bulk channel has its receiver thread. Sink
+costs no extra thread hand-off (and :meth:`FetchClient.fetch`, the fault path, takes
+the lead at once when nobody has it). The bulk channel has its receiver thread,
+which reads each PAGES body with one ``recv_into_all`` (``MSG_WAITALL``) when the
+transport has it. Sink
 callbacks therefore run on the bulk thread or on a waiting thread.
 
 The destination (later) builds on this: its sink will hand out a staging
@@ -150,6 +153,13 @@ class _Chan:
         dec = self.conn.decoder
         got = dec.take_body_into(target)
         want = len(target)
+        fill = getattr(self.t, "recv_into_all", None)
+        if fill is not None and got < want:
+            n = fill(target[got:])
+            dec.body_received(n)
+            got += n
+            if got < want:
+                raise SourceLost("source closed the connection inside a PAGES frame")
         while got < want:
             n = self.t.recv_into(target[got:])
             if n == 0:
@@ -495,9 +505,61 @@ class FetchClient:
         return None
 
     def fetch(self, start: int, count: int = 1, timeout: float | None = None) -> None:
-        """Request pages and wait until they are in the sink."""
-        self.request(start, count)
-        self.wait_pages(start, count, timeout)
+        """Request pages and wait until they are in the sink.
+
+        The fault path's common case -- pages inside memory, no refusal pending, nobody
+        else reading the demand channel -- takes the lead at once and reads replies until
+        its pages are in, with one lock round per step (:meth:`request` and
+        :meth:`wait_pages` do the same in general, for any number of waiters)."""
+        cond = self._cond
+        tracker = self.tracker
+        with cond:
+            fast = (
+                self.error is None
+                and not self._leader
+                and not self._errors
+                and start >= 0
+                and count > 0
+                and start + count <= self.nr_pages
+            )
+            if fast:
+                if tracker.received.all_set(start, count):
+                    return
+                ranges = tracker.want(start, count)
+                for _, n in ranges:
+                    self._outstanding_pages += n
+                if ranges:
+                    self.requests += 1
+                self._leader = True
+        if not fast:
+            self.request(start, count)
+            self.wait_pages(start, count, timeout)
+            return
+        ch = self._demand
+        received = tracker.received
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            if ranges:
+                with ch.send_lock:
+                    ch.t.send(ch.conn.send_request(ranges))
+            while not received.all_set(start, count) and self.error is None and not self._errors:
+                left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                if not self._handle(ch, ch.next_event(left)):
+                    break
+        except RemoteError:
+            pass  # a refusal: wait_pages below raises it
+        except SinkFailed as e:
+            raise self._fail(ch, e.error, wrap=False) from None
+        except TimeoutError:
+            raise TimeoutError(f"pages [{start}, {start + count}) did not arrive in time") from None
+        except (ConnectionError, OSError, ProtocolError) as e:
+            raise self._fail(ch, e) from e
+        finally:
+            with cond:
+                self._leader = False
+                cond.notify_all()
+        if not received.all_set(start, count) or self._errors:
+            self.wait_pages(start, count, timeout)  # errors, or replies still owed
 
     def wait_complete(self, timeout: float | None = None) -> None:
         deadline = None if timeout is None else time.monotonic() + timeout

@@ -9,18 +9,28 @@ caught and resolved is a :class:`~postcopy.mechanisms.base.Mechanism`
 
 1. open the demand channel (:class:`~postcopy.client.FetchClient`): the HELLO
    gives the geometry, the vCPU state blobs follow;
-2. ``mechanism.arm`` (memory + userfaultfd/bitmap), build the VM
+2. ``mechanism.arm`` (memory + userfaultfd/bitmap); when the mechanism can place
+   pages before the memslots exist (``places_before_bind``) the bulk channel opens
+   now, so the background push overlaps the rest of this step; build the VM
    (:class:`~postcopy.guestrun.DestVM`, type and memslots from the mechanism),
    restore each vCPU (``KVM_SET_SREGS``, ``KVM_SET_REGS``);
 3. start the fault thread (userfaultfd designs), open the bulk channel (the
-   background push starts; its receiver places each batch with one ioctl), and
-   start one thread per vCPU: the guest runs (``resume``);
+   background push starts; its receiver places each batch with one ioctl -- or,
+   when the mechanism has ``bulk_slots > 1``, stages it and a *placer* thread
+   places it while the next batch is received), and start one thread per vCPU:
+   the guest runs (``resume``);
 4. wait until every page is placed -- or a failure: a lost source
    (:class:`~postcopy.client.SourceLost` within the time the sockets report it),
    a guest error, a fault thread error -- the main thread never waits without
    a way to be woken;
 5. ``mechanism.complete()`` (stop intercepting), stop the fault thread
    (an eventfd wakes its ``poll``), say DONE, and let the vCPUs run to their end.
+
+Thread placement (:mod:`postcopy.threadprio`): ``demand_slice_ns`` gives the vCPU
+and fault threads a short scheduler slice so that a fault's wake-ups preempt the
+background threads (off by default: no gain measured on this host); ``pin`` puts fault thread *j* on vCPU *j*'s CPU (no
+cross-CPU wake between a vCPU and its handler) and the bulk receiver on the last
+CPU; ``bulk_nice`` lowers the background threads' priority.
 
 Stats (:class:`~postcopy.stats.MigrationStats`, clock = ``kernel.monotonic_ns``):
 a fault starts when it is observed (uffd message read, or the exit returned)
@@ -32,12 +42,14 @@ started, ``end`` = last page placed.
 from __future__ import annotations
 
 import os
+import queue
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from fakekvm.abi import kvm
 from fakekvm.kernel.seam import Kernel
+from postcopy import threadprio
 from postcopy import transport as tp
 from postcopy.client import FetchClient, SourceLost
 from postcopy.guestrun import DestVM, GuestFailed, VcpuResult, install_kick_handler
@@ -83,6 +95,7 @@ class Destination:
         dirty_log: bool = False,
         request_timeout: float = 30.0,
         bulk_nice: int = 0,
+        demand_slice_ns: int = 0,
         fault_threads: int = 1,
         yield_to_demand: float = 0.0,
         progress: Callable[[int, int], None] | None = None,
@@ -105,6 +118,7 @@ class Destination:
         self.dirty_log = dirty_log
         self.request_timeout = request_timeout
         self.bulk_nice = bulk_nice
+        self.demand_slice_ns = demand_slice_ns
         self.fault_threads = max(1, fault_threads)
         self.yield_to_demand = yield_to_demand
         self.progress = progress
@@ -119,6 +133,16 @@ class Destination:
         self._tid_vcpu: dict[int, int] = {}
         self._idents: dict[int, int] = {}
         self._bulk_pinned = False
+        #: background pipeline (mechanism.bulk_slots > 1): free staging slots, and the
+        #: batches received and waiting for the placer thread
+        self._slots = max(1, mechanism.bulk_slots)
+        self._free_slots: queue.SimpleQueue[int] = queue.SimpleQueue()
+        for i in range(self._slots):
+            self._free_slots.put(i)
+        self._placeq: queue.SimpleQueue[tuple[int, int, int] | None] = queue.SimpleQueue()
+        self._bulk_slot = 0
+        self._placer: threading.Thread | None = None
+        self._placer_stopped = False
         self.client: FetchClient | None = None
         self.vm: DestVM | None = None
         self.stats = MigrationStats(1)
@@ -148,6 +172,9 @@ class Destination:
     def fetch(self, pages: list[int]) -> None:
         client = self.client
         assert client is not None
+        if len(pages) == 1:  # the usual fault: one page, one request
+            client.fetch(pages[0], 1, self.request_timeout)
+            return
         runs: list[tuple[int, int]] = []
         for p in sorted(set(pages)):
             if runs and runs[-1][0] + runs[-1][1] == p:
@@ -173,13 +200,60 @@ class Destination:
             if self.pin:
                 cpus = sorted(os.sched_getaffinity(0))
                 os.sched_setaffinity(0, {cpus[-1]})
-            if self.bulk_nice:
-                # the background push yields the CPU to vCPUs and the demand path
-                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self.bulk_nice)
+            # the background push yields the CPU to vCPUs and the demand path
+            threadprio.background(self.bulk_nice)
+        if not demand and self._slots > 1:
+            slot = self._take_slot()
+            self._bulk_slot = slot
+            return self.mechanism.buffer_for_slot(start, count, slot)
         return self.mechanism.buffer_for(start, count, demand)
 
+    def _take_slot(self) -> int:
+        """A free bulk staging slot (the placer thread gives them back after each COPY)."""
+        while True:
+            try:
+                return self._free_slots.get(timeout=0.2)
+            except queue.Empty:
+                if self._placer_stopped:
+                    raise ConnectionAbortedError("the bulk placer has stopped") from None
+
     def placed_pages(self, start: int, count: int, demand: bool) -> None:
+        if not demand and self._slots > 1:
+            # the receiver goes on with the next batch; the placer thread COPYs this one
+            self._placeq.put((start, count, self._bulk_slot))
+            return
         self.mechanism.place(start, count, demand)
+        self._account(start, count, demand)
+
+    def _placer_thread(self) -> None:
+        """Places the background batches the bulk receiver staged, in arrival order."""
+        threadprio.background(self.bulk_nice)
+        mech = self.mechanism
+        failed = False
+        while True:
+            item = self._placeq.get()
+            if item is None:
+                return
+            start, count, slot = item
+            try:
+                if not failed:
+                    mech.place_slot(start, count, slot)
+                    self._account(start, count, False)
+            except BaseException as e:
+                failed = True  # keep handing slots back: the receiver must not block
+                if not self.stop.is_set():
+                    self._fail(e)
+            finally:
+                self._free_slots.put(slot)
+
+    def _stop_placer(self, th: threading.Thread | None) -> None:
+        if th is not None:
+            self._placeq.put(None)
+            th.join(10.0)
+        self._placer_stopped = True
+
+    def _account(self, start: int, count: int, demand: bool) -> None:
+        """Pages are visible to the guest: count them and end the faults they resolve."""
         t = self.kernel.monotonic_ns()
         st = self.stats
         with self._lock:
@@ -192,12 +266,18 @@ class Destination:
                 st.pages_demand += count
             else:
                 st.pages_background += count
-            if self._open:
-                end = start + count
-                for page in [p for p in self._open if start <= p < end]:
-                    for vcpu, t0 in self._open.pop(page):
-                        st.fault_end(vcpu, t0, t)
-                if not self._open:
+            open_ = self._open
+            if open_:
+                if count <= len(open_):  # look the placed pages up (a demand page: one)
+                    for page in range(start, start + count):
+                        for vcpu, t0 in open_.pop(page, ()):
+                            st.fault_end(vcpu, t0, t)
+                else:  # a big batch: look the few open faults up
+                    end = start + count
+                    for page in [p for p in open_ if start <= p < end]:
+                        for vcpu, t0 in open_.pop(page):
+                            st.fault_end(vcpu, t0, t)
+                if not open_:
                     self._demand_idle.notify_all()
             done = self.nr_placed == self.layout.nr_pages
         if self.progress is not None:
@@ -212,9 +292,11 @@ class Destination:
         self._wake.set()
 
     def _pin(self, index: int) -> None:
+        """Placement of a fault or vCPU thread: pinned (``pin``) and a short slice."""
         if self.pin:
-            cpus = sorted(os.sched_getaffinity(0))
-            os.sched_setaffinity(0, {cpus[index % len(cpus)]})
+            threadprio.pin(index)
+        if self.demand_slice_ns:
+            threadprio.latency_sensitive(self.demand_slice_ns)
 
     def _fault_thread(self, j: int) -> None:
         try:
@@ -280,6 +362,8 @@ class Destination:
         try:
             mech.arm(k, self.layout)
             armed = True
+            if mech.places_before_bind:  # background pages flow while the VM is built
+                self._start_bulk(client, bulk)
             self.vm = vm = DestVM(k, mech.vm_type, nr_vcpus, self.kvm_path)
             if self.dirty_log and mech.supports_dirty_log:
                 mech.slot_flags |= kvm.KVM_MEM_LOG_DIRTY_PAGES
@@ -293,7 +377,8 @@ class Destination:
                     )
                     fault_threads.append(th)
                     th.start()
-            client.attach_bulk(bulk)
+            if not mech.places_before_bind:
+                self._start_bulk(client, bulk)
             if self.run_vcpus:
                 for i in range(nr_vcpus):
                     th = threading.Thread(
@@ -320,6 +405,7 @@ class Destination:
             self._stop_fault_threads(fault_threads)
             client.wait_complete(self.request_timeout)
             client.finish()
+            self._stop_placer(self._placer)
             for th in threads:
                 th.join()
             with self._lock:
@@ -351,6 +437,15 @@ class Destination:
         finally:
             self._close(armed, threads)
 
+    def _start_bulk(self, client: FetchClient, bulk: tp.Transport) -> None:
+        """Start the placer thread (``bulk_slots > 1``) and open the bulk channel."""
+        if self._slots > 1:
+            self._placer = threading.Thread(
+                target=self._placer_thread, name="postcopy-placer", daemon=True
+            )
+            self._placer.start()
+        client.attach_bulk(bulk)
+
     def _stop_fault_threads(self, ths: list[threading.Thread]) -> None:
         self.stop.set()
         self.mechanism.kick()  # the eventfd stays readable: every poller wakes
@@ -364,6 +459,7 @@ class Destination:
         if vm is not None:
             vm.interrupt(dict(self._idents))
         self._stop_fault_threads(fault_threads)
+        self._stop_placer(self._placer)
         if self.client is not None:
             self.client.close(2.0)
         try:

@@ -62,17 +62,47 @@ class MigrationMismatch(RuntimeError):
     """Destination memory or a guest report differs from the source's."""
 
 
-def make_kernel(kind: str, profile: str | None = None) -> Kernel:
-    """``real`` -> `RealKernel`; ``fake`` -> ``FakeKernel(profile)``."""
+#: ``(kernel, role) -> kernel`` applied by `make_kernel` in this process, before any recorder
+#: (``role``: "source", "destination" or "" for one kernel serving both)
+KERNEL_HOOKS: list[Callable[[Kernel, str], Kernel]] = []
+
+
+def make_kernel(
+    kind: str, profile: str | None = None, *, role: str = "", options: MigrateOptions | None = None
+) -> Kernel:
+    """``real`` -> `RealKernel`; ``fake`` -> ``FakeKernel(profile)``.
+
+    When ``FAKEKVM_TRACE`` is set (``fakekvm capture``) the kernel is wrapped in a recorder
+    (`replay.recorder.maybe_record`): ``role`` "source" writes ``$FAKEKVM_TRACE.source``,
+    the others ``$FAKEKVM_TRACE``.
+    """
+    kernel: Kernel
     if kind == "real":
         from fakekvm.kernel.real import RealKernel
 
-        return RealKernel()
-    if kind == "fake":
+        kernel = RealKernel()
+    elif kind == "fake":
         from fakekvm.fake import FakeKernel
 
-        return FakeKernel(profile=profile or "6.18-pvm")
-    raise ValueError(f"unknown kernel kind {kind!r} (real, fake)")
+        profile = profile or "6.18-pvm"
+        kernel = FakeKernel(profile=profile)
+    else:
+        raise ValueError(f"unknown kernel kind {kind!r} (real, fake)")
+    for hook in KERNEL_HOOKS:  # e.g. replay --mode workload: scripted vCPUs on the destination
+        kernel = hook(kernel, role)
+    if os.environ.get("FAKEKVM_TRACE"):
+        from replay.recorder import maybe_record
+
+        o = options
+        kernel = maybe_record(
+            kernel,
+            role=role,
+            mechanism=o.mechanism if o else None,
+            guest=o.workload if o else None,
+            seed=o.seed if o else None,
+            profile=profile if kind == "fake" else None,
+        )
+    return kernel
 
 
 # -- the source side ---------------------------------------------------------------------------
@@ -190,12 +220,20 @@ class MigrateOptions:
     same_process: bool = False
     #: pin vCPU/fault/bulk threads to CPUs (measured slower on this 2-CPU host: off)
     pin: bool = False
-    batch_pages: int = 256
+    batch_pages: int = 512
     address: str | None = None  # a Unix socket path (default: a temp dir) or "host:port"
     huge: bool = False
     fault_threads: int = 1
     #: the background receiver waits up to this long (s) while a vCPU waits for a page
     yield_to_demand: float = 0.0
+    #: priority of the background threads on both sides (threadprio.background)
+    bulk_nice: int = 0
+    #: pin the source's demand thread to this CPU index
+    source_demand_cpu: int | None = None
+    #: the background push order: "sequential" or "trace:PATH" (a previous run's faults)
+    push_order: str = "sequential"
+    #: scheduler slice of the demand-path threads (vCPUs, fault, source demand); 0: default
+    demand_slice_ns: int = 0
 
 
 @dataclass
@@ -239,14 +277,37 @@ def _parse_address(a: str) -> tp.Address:
     return a
 
 
+def make_source(mem: Any, states: list[list[bytes]], o: MigrateOptions) -> Source:
+    """The source for ``o``: batch size, background priority, and the push order
+    (``"sequential"``, or ``"trace:PATH"``: a previous run's faults first,
+    :func:`postcopy.workingset.fault_pages`)."""
+    policy, trace = "sequential", None
+    if o.push_order.startswith("trace:"):
+        from postcopy.workingset import fault_pages
+
+        policy, trace = "trace", fault_pages(o.push_order[len("trace:") :], layout.PAGE)
+    elif o.push_order != "sequential":
+        raise ValueError(f"push order {o.push_order!r}: sequential or trace:PATH")
+    return Source(
+        mem,
+        states,
+        batch_pages=o.batch_pages,
+        policy=policy,
+        trace=trace,
+        bulk_nice=o.bulk_nice,
+        demand_cpu=o.source_demand_cpu,
+        demand_slice_ns=o.demand_slice_ns,
+    )
+
+
 def _source_process(conn: Any, o: MigrateOptions, address: str) -> None:
     """The source, in its own process: prepare, serve until the destination is done."""
     try:
-        kernel = make_kernel(o.kernel, o.profile)
+        kernel = make_kernel(o.kernel, o.profile, role="source", options=o)
         g = prepare_source(kernel, o.mem_size, o.vcpus, o.workload, o.seed)
         mem = g.vm.mem()
         digests = page_digests(mem, 0, o.mem_size // layout.PAGE)
-        src = Source(mem, g.states, batch_pages=o.batch_pages)
+        src = make_source(mem, g.states, o)
         addr = src.listen(_parse_address(address))
         conn.send(("ready", addr, g.expect, digests))
         src.wait()
@@ -296,6 +357,8 @@ def _destination(
         progress=progress,
         fault_threads=o.fault_threads,
         yield_to_demand=o.yield_to_demand,
+        bulk_nice=o.bulk_nice,
+        demand_slice_ns=o.demand_slice_ns,
     )
 
     def check(d: Destination) -> None:
@@ -321,13 +384,16 @@ def _destination(
 def _migrate_same_process(
     o: MigrateOptions, address: str, progress: Callable[[int, int], None] | None
 ) -> MigrationReport:
-    src_kernel = make_kernel(o.kernel, o.profile)
-    dst_kernel = src_kernel if o.kernel == "real" else make_kernel(o.kernel, o.profile)
+    if o.kernel == "real":  # one kernel for both sides: one trace
+        src_kernel = dst_kernel = make_kernel(o.kernel, o.profile, options=o)
+    else:
+        src_kernel = make_kernel(o.kernel, o.profile, role="source", options=o)
+        dst_kernel = make_kernel(o.kernel, o.profile, role="destination", options=o)
     g = prepare_source(src_kernel, o.mem_size, o.vcpus, o.workload, o.seed)
     mem = g.vm.mem()
     try:
         digests = page_digests(mem, 0, o.mem_size // layout.PAGE)
-        src = Source(mem, g.states, batch_pages=o.batch_pages)
+        src = make_source(mem, g.states, o)
         addr = src.listen(_parse_address(address))
         excluded: list[int] = [0]
         dest = _destination(o, dst_kernel, addr, progress, digests, excluded)
@@ -355,7 +421,7 @@ def _migrate_two_processes(
         if msg[0] != "ready":
             raise RuntimeError(f"source process failed: {msg[1]}")
         _, addr, expect, digests = msg
-        dst_kernel = make_kernel(o.kernel, o.profile)
+        dst_kernel = make_kernel(o.kernel, o.profile, role="destination", options=o)
         excluded: list[int] = [0]
         dest = _destination(o, dst_kernel, addr, progress, digests, excluded)
         result = dest.run()

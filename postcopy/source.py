@@ -10,6 +10,11 @@ data. Memory is anything with the buffer protocol — a
 (:meth:`Source.from_image`, Firecracker-style snapshot restore) — and is sent
 straight from it with ``sendmsg`` (no copy).
 
+The demand thread can run with a short scheduler slice (``demand_slice_ns``) and
+on a given CPU (``demand_cpu``: with the destination's faulting vCPU
+on one host, no cross-CPU wake); the bulk thread's priority can be lowered
+(``bulk_nice``, :func:`postcopy.threadprio.background`).
+
 Requests are bounds-checked: a range outside guest memory is answered with
 ERROR (``EFAULT``) and the source keeps serving. The source runs until the
 destination says DONE (or BYE) or disconnects, then closes everything;
@@ -30,6 +35,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from postcopy import threadprio
 from postcopy import transport as tp
 from postcopy.pages import page_digests
 from postcopy.protocol import (
@@ -116,6 +122,9 @@ class Source:
         trace: Iterable[int] | None = None,
         follow_demand: bool = True,
         clock: Callable[[], int] = time.monotonic_ns,
+        bulk_nice: int = 0,
+        demand_cpu: int | None = None,
+        demand_slice_ns: int = 0,
     ) -> None:
         mv = memoryview(memory)
         self.memory = mv.cast("B") if mv.format != "B" or mv.ndim != 1 else mv
@@ -127,6 +136,13 @@ class Source:
         self.nr_pages = self.memory.nbytes // page_size
         self.vcpu_states = [list(s) for s in vcpu_states]
         self.clock = clock
+        #: the bulk sender's priority (:func:`postcopy.threadprio.background`)
+        self.bulk_nice = bulk_nice
+        #: pin the demand thread to this CPU index (None: leave it to the scheduler)
+        self.demand_cpu = demand_cpu
+        #: a short scheduler slice for the demand thread (0: the default), so that a
+        #: request wakes it ahead of the bulk sender (:func:`threadprio.latency_sensitive`)
+        self.demand_slice_ns = demand_slice_ns
         self.sched = SendScheduler(
             self.nr_pages,
             batch_pages=batch_pages,
@@ -280,6 +296,10 @@ class Source:
             ch.t.send(ch.conn.send_pages(start, count, flags, data))
 
     def _demand_loop(self, ch: _Channel) -> None:
+        if self.demand_cpu is not None:
+            threadprio.pin(self.demand_cpu)
+        if self.demand_slice_ns:
+            threadprio.latency_sensitive(self.demand_slice_ns)
         while True:
             ev = ch.next_event()
             if ev is None or isinstance(ev, Bye):
@@ -327,6 +347,7 @@ class Source:
             self._send_pages(ch, start, count, PAGES_DEMAND)
 
     def _bulk_loop(self, ch: _Channel) -> None:
+        threadprio.background(self.bulk_nice)
         while not self._finished.is_set():
             with self._lock:
                 run = self.sched.next_background()

@@ -6,7 +6,9 @@ a list of buffers (a scatter-gather write, ``sendmsg(2)``, so page data goes
 from the guest mapping to the socket with no copy in Python), ``recv_into(buf)``
 reads what is there into ``buf`` and returns the count (0 at end of stream), and
 ``close()``. ``abort()`` is a close that the peer sees as a reset (``SO_LINGER``
-0: a ``RST``), which is what a crashed peer looks like.
+0: a ``RST``), which is what a crashed peer looks like. A transport may also offer
+``recv_into_all(buf)`` (fill the whole buffer unless the stream ends; sockets do it
+with ``MSG_WAITALL``), which the receivers use for page data when it is there.
 
 * :class:`SocketTransport` over a connected TCP or Unix stream socket;
   :func:`connect` and :func:`listen` make them (TCP on 127.0.0.1 by default;
@@ -61,8 +63,8 @@ class SocketTransport:
         sock = self.sock
         n = sock.sendmsg(parts)
         total = 0
-        for p in parts:
-            total += memoryview(p).nbytes
+        for p in parts:  # bytes and flat unsigned-byte views (the protocol's) need no view
+            total += p.nbytes if isinstance(p, memoryview) else len(p)
         if n == total:
             return
         # partial write: continue from where it stopped
@@ -85,6 +87,19 @@ class SocketTransport:
             if not self._poll.poll(max(0, int(timeout * 1000))):
                 raise TimeoutError(f"nothing received in {timeout} s")
         return self.sock.recv_into(buf)
+
+    def recv_into_all(self, buf: memoryview) -> int:
+        """Fill ``buf`` (fewer bytes only at end of stream): ``MSG_WAITALL``, one call
+        (and one GIL release) for a whole PAGES body instead of one per socket chunk."""
+        sock = self.sock
+        want = buf.nbytes
+        got = sock.recv_into(buf, want, socket.MSG_WAITALL)
+        while 0 < got < want:  # a signal or a socket error interrupted the wait
+            n = sock.recv_into(buf[got:], want - got, socket.MSG_WAITALL)
+            if n == 0:
+                break
+            got += n
+        return got
 
     def close(self) -> None:
         if self._closed:

@@ -25,7 +25,10 @@ The interface (:class:`Mechanism`), in call order:
 * ``buffer_for(start, count, demand)`` / ``place(start, count, demand)`` -- the
   receiver's side: where the bytes of arriving pages go, and making them
   visible (one ``UFFDIO_COPY`` for a whole contiguous batch, or nothing at all
-  when the bytes were received straight into the page cache). ``place`` must
+  when the bytes were received straight into the page cache). A mechanism with
+  ``bulk_slots > 1`` also has ``buffer_for_slot(start, count, slot)`` /
+  ``place_slot(start, count, slot)`` for background batches: up to that many
+  are received ahead of their placement (a pipeline). ``place`` must
   wake any vCPU blocked on those pages and report the faults it resolved.
 * ``run_fault_loop(ctx)`` -- the fault thread's body (userfaultfd designs); it
   returns when ``ctx.stop`` is set (an eventfd wakes its ``poll``).
@@ -123,6 +126,14 @@ class Mechanism(abc.ABC):
     needs_fault_thread: bool = True
     #: can the guest-memory memslot carry KVM_MEM_LOG_DIRTY_PAGES? (guest_memfd slots cannot)
     supports_dirty_log: bool = True
+    #: how many background batches may be received ahead of their placement. Above 1,
+    #: background batches go through ``buffer_for_slot``/``place_slot`` (slot 0 ..
+    #: bulk_slots-1) and the destination places them on a thread of their own, so
+    #: the next batch's ``recv`` overlaps this one's ``UFFDIO_COPY``
+    bulk_slots: int = 1
+    #: can pages be placed right after ``arm``, before ``bind`` installed the memslots?
+    #: (then the background push starts while the VM is being built)
+    places_before_bind: bool = False
 
     def __init__(self) -> None:
         self.kernel: Kernel | None = None
@@ -146,6 +157,14 @@ class Mechanism(abc.ABC):
 
     @abc.abstractmethod
     def place(self, start: int, count: int, demand: bool) -> None: ...
+
+    def buffer_for_slot(self, start: int, count: int, slot: int) -> memoryview:
+        """``buffer_for`` of a background batch staged in ``slot`` (``bulk_slots > 1``)."""
+        raise NotImplementedError(f"{self.name} has no bulk slots")
+
+    def place_slot(self, start: int, count: int, slot: int) -> None:
+        """``place`` of the background batch staged in ``slot`` (on the placer thread)."""
+        raise NotImplementedError(f"{self.name} has no bulk slots")
 
     def run_fault_loop(self, ctx: FaultContext) -> None:
         """The fault thread's body; returns when ``ctx.stop`` is set."""
@@ -173,17 +192,21 @@ class Mechanism(abc.ABC):
 
 
 class Staging:
-    """Two host buffers (demand, bulk) the receivers write pages into before a COPY.
+    """Host buffers the receivers write pages into before a COPY: one for demand
+    replies and ``bulk_slots`` for the background stream.
 
-    The demand buffer is used by one leader thread at a time and the bulk one by
-    the bulk receiver only (:class:`postcopy.client.FetchClient`), so each has
-    a single writer. A frame larger than a buffer grows it.
+    The demand buffer is used by one leader thread at a time; each bulk slot is
+    written by the bulk receiver and then read by the placer thread that COPYs
+    it, never both at once (:class:`postcopy.destination.Destination` hands a
+    slot back only after its COPY returned). A frame larger than a buffer grows it.
     """
 
-    def __init__(self, kernel: Kernel, page_size: int, pages: int = 256) -> None:
+    def __init__(
+        self, kernel: Kernel, page_size: int, pages: int = 256, bulk_slots: int = 1
+    ) -> None:
         self.kernel = kernel
         self.page_size = page_size
-        self.maps: list[Mapping] = [self._map(pages), self._map(pages)]
+        self.maps: list[Mapping] = [self._map(pages) for _ in range(1 + max(1, bulk_slots))]
         self.views = [m.view() for m in self.maps]
 
     def _map(self, pages: int) -> Mapping:
@@ -196,9 +219,9 @@ class Staging:
             mman.MAP_PRIVATE | mman.MAP_ANONYMOUS | mman.MAP_POPULATE,
         )
 
-    def get(self, count: int, demand: bool) -> tuple[int, memoryview]:
-        """(host address, view) of ``count`` pages of the demand or bulk buffer."""
-        i = 0 if demand else 1
+    def get(self, count: int, demand: bool, slot: int = 0) -> tuple[int, memoryview]:
+        """(host address, view) of ``count`` pages of the demand buffer or bulk ``slot``."""
+        i = 0 if demand else 1 + slot
         n = count * self.page_size
         if n > self.maps[i].length:
             old = self.maps[i]
@@ -492,6 +515,7 @@ class UffdMechanism(Mechanism):
 
     uffd: int = -1
     stop_fd: int = -1
+    places_before_bind = True  # COPY/CONTINUE need the registered memory only
     memory: Mapping | None = None
     staging: Staging | None = None
     _registered: bool = False

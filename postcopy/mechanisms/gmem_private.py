@@ -43,9 +43,11 @@ class GmemPrivate(UffdMissing):
     name = "gmem-private"
     vm_type = KVM_X86_FAKE_CC_VM
     supports_dirty_log = False  # KVM_MEM_GUEST_MEMFD | KVM_MEM_LOG_DIRTY_PAGES is EINVAL
+    places_before_bind = False  # pages land in the guest_memfd that bind() creates
 
     def __init__(self, *, staging_pages: int = 256) -> None:
-        super().__init__(staging_pages=staging_pages)
+        # place() is synchronous here (bitmap / attribute updates follow each COPY)
+        super().__init__(staging_pages=staging_pages, bulk_slots=1)
         self.gmem_fd = -1
         self.gmem: Mapping | None = None
         self.gmem_view: memoryview | None = None

@@ -43,7 +43,8 @@ class KvmUserfault(UffdMissing):
     name = "kvm-userfault"
 
     def __init__(self, *, staging_pages: int = 256) -> None:
-        super().__init__(staging_pages=staging_pages)
+        # place() is synchronous here (bitmap / attribute updates follow each COPY)
+        super().__init__(staging_pages=staging_pages, bulk_slots=1)
         self.bitmap = Bitmap(0)
         self._bitmap_map: Mapping | None = None
         self.vm: DestVM | None = None

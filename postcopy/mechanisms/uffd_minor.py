@@ -72,8 +72,11 @@ def hugetlb_available() -> tuple[bool, str]:
 class UffdMinor(UffdMechanism):
     name = "uffd-minor"
 
-    def __init__(self, *, huge: bool = False, preallocate: bool = False) -> None:
+    def __init__(
+        self, *, huge: bool = False, preallocate: bool = False, bulk_slots: int = 2
+    ) -> None:
         super().__init__()
+        self.bulk_slots = bulk_slots
         self.huge = huge
         self.preallocate = preallocate
         self.memfd = -1
@@ -90,7 +93,8 @@ class UffdMinor(UffdMechanism):
         self.claimed = Bitmap(0)
         self.ready = Bitmap(0)
         self._claim_lock = threading.Lock()
-        self._scratch = [False, False]  # demand, bulk buffer is a staging buffer
+        #: (demand, slot) -> the batch went to a staging buffer (a duplicate)
+        self._scratch: dict[tuple[bool, int], bool] = {}
         self._huge_lock = threading.Lock()
         self._huge_have = array("H")
         self._per_huge = 1
@@ -123,7 +127,7 @@ class UffdMinor(UffdMechanism):
         self.stop_fd = new_eventfd(kernel)
         self.placer = UffdPlacer(kernel, self.uffd, self.memory.address, layout.page_size)
         self.placer.on_pending = self.kick  # faults drained by a placer: wake the fault thread
-        self.staging = Staging(kernel, layout.page_size)
+        self.staging = Staging(kernel, layout.page_size, 256, self.bulk_slots)
         self.claimed = Bitmap(layout.nr_pages)
         self.ready = Bitmap(layout.nr_pages)  # CONTINUEd by their first receiver
 
@@ -132,6 +136,18 @@ class UffdMinor(UffdMechanism):
         vm.set_region(0, self.slot_flags, 0, self.layout.mem_size, self.memory.address)
 
     def buffer_for(self, start: int, count: int, demand: bool) -> memoryview:
+        return self._buffer(start, count, demand, 0)
+
+    def buffer_for_slot(self, start: int, count: int, slot: int) -> memoryview:
+        return self._buffer(start, count, False, slot)
+
+    def place(self, start: int, count: int, demand: bool) -> None:
+        self._place(start, count, demand, 0)
+
+    def place_slot(self, start: int, count: int, slot: int) -> None:
+        self._place(start, count, False, slot)
+
+    def _buffer(self, start: int, count: int, demand: bool, slot: int) -> memoryview:
         """The page cache itself (through the alias) when no page of the range was
         claimed before; else a staging buffer (a duplicate: see :meth:`place`)."""
         assert self.alias_view is not None and self.staging is not None
@@ -139,7 +155,7 @@ class UffdMinor(UffdMechanism):
             fresh = self.claimed.count(start, count) == 0
             if fresh:
                 self.claimed.set_range(start, count)
-        self._scratch[demand] = not fresh
+        self._scratch[demand, slot] = not fresh
         if fresh:
             ps = self.layout.page_size
             if self.preallocate and not self.huge:
@@ -148,16 +164,16 @@ class UffdMinor(UffdMechanism):
                 assert self.kernel is not None
                 self.kernel.fallocate(self.memfd, 0, start * ps, count * ps)
             return self.alias_view[start * ps : (start + count) * ps]
-        return self.staging.get(count, demand)[1]
+        return self.staging.get(count, demand, slot)[1]
 
-    def place(self, start: int, count: int, demand: bool) -> None:
+    def _place(self, start: int, count: int, demand: bool, slot: int) -> None:
         assert self.placer is not None and self.staging is not None
         assert self.alias_view is not None
-        if self._scratch[demand]:
+        if self._scratch.get((demand, slot)):
             # copy in only the pages nobody claimed; the claimed ones are (being)
             # placed by their first receiver, which also wakes their waiters
             ps = self.layout.page_size
-            _, src = self.staging.get(count, demand)
+            _, src = self.staging.get(count, demand, slot)
             with self._claim_lock:
                 runs = list(self.claimed.runs(start, start + count, clear=True))
                 for s, c in runs:

@@ -9,7 +9,9 @@ atomically with ``UFFDIO_COPY`` from a staging buffer
 ``UFFD_FEATURE_THREAD_ID`` (which vCPU faulted) and ``UFFD_FEATURE_EVENT_REMOVE``
 (a ``madvise(MADV_DONTNEED)`` of guest memory is reported, as with a balloon).
 
-Here a received batch of contiguous pages is placed with one ``UFFDIO_COPY``.
+Here a received batch of contiguous pages is placed with one ``UFFDIO_COPY``;
+background batches go through ``bulk_slots`` staging buffers so that the
+next one is received while this one is copied (the destination's placer thread).
 """
 
 from __future__ import annotations
@@ -40,9 +42,10 @@ FEATURES = uffd.UFFD_FEATURE_THREAD_ID | uffd.UFFD_FEATURE_EVENT_REMOVE
 class UffdMissing(UffdMechanism):
     name = "uffd-missing"
 
-    def __init__(self, *, staging_pages: int = 256) -> None:
+    def __init__(self, *, staging_pages: int = 512, bulk_slots: int = 2) -> None:
         super().__init__()
         self.staging_pages = staging_pages
+        self.bulk_slots = bulk_slots
         self.memory: Mapping | None = None
         self.uffd = -1
         self.stop_fd = -1
@@ -70,7 +73,7 @@ class UffdMissing(UffdMechanism):
         self.stop_fd = new_eventfd(kernel)
         self.placer = UffdPlacer(kernel, self.uffd, self.memory.address, layout.page_size)
         self.placer.on_pending = self.kick  # faults drained by a placer: wake the fault thread
-        self.staging = Staging(kernel, layout.page_size, self.staging_pages)
+        self.staging = Staging(kernel, layout.page_size, self.staging_pages, self.bulk_slots)
 
     def bind(self, vm: DestVM) -> None:
         assert self.memory is not None
@@ -80,14 +83,24 @@ class UffdMissing(UffdMechanism):
         assert self.staging is not None
         return self.staging.get(count, demand)[1]
 
+    def buffer_for_slot(self, start: int, count: int, slot: int) -> memoryview:
+        assert self.staging is not None
+        return self.staging.get(count, False, slot)[1]
+
     def place(self, start: int, count: int, demand: bool) -> None:
+        self._place(start, count, demand, 0)
+
+    def place_slot(self, start: int, count: int, slot: int) -> None:
+        self._place(start, count, False, slot)
+
+    def _place(self, start: int, count: int, demand: bool, slot: int) -> None:
         """One ``UFFDIO_COPY`` for the batch. A duplicate arriving after :meth:`complete`
         (a request still in flight when the last page came) is dropped: every page
         is there and the range is no longer registered (``ENOENT``)."""
         assert self.staging is not None and self.placer is not None
         if not self._registered:
             return
-        src, _ = self.staging.get(count, demand)
+        src, _ = self.staging.get(count, demand, slot)
         try:
             self.placer.copy(start, count, src)
         except FileNotFoundError:
