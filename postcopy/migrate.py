@@ -447,6 +447,11 @@ def _recv(conn: Any, proc: Any) -> Any:
             try:
                 return conn.recv()
             except EOFError:
-                pass
+                # the pipe is closed (wait() would report it ready for ever): the source is
+                # gone or going; do not spin on it
+                proc.join(5)
+                raise RuntimeError(
+                    f"source process closed its pipe without a word (exit code {proc.exitcode})"
+                ) from None
         if proc.sentinel in ready and not conn.poll():
             raise RuntimeError(f"source process exited with code {proc.exitcode}")

@@ -194,3 +194,27 @@ def explore_seeds(
             e.trace = path
         res.append(e)
     return res
+
+
+def record_deterministic(
+    path: str, options: MigrateOptions, seed: int, net: NetOptions | None = None
+) -> DetMigrationResult:
+    """Record the destination of a deterministic migration into ``path``.
+
+    A slow simulated link (``net``) makes demand faults certain, whatever the host's speed:
+    what tests that need a trace *with* faults use (a real-time fake migration may deliver every
+    page in the background before the guest touches one).
+    """
+    from replay.format import TraceWriter
+    from replay.recorder import RecordingKernel, make_header
+
+    c = DetConfig(options, seed, net or NetOptions())
+
+    def record(k: Any) -> Any:
+        h = make_header(k, role="destination", argv=["fakekvm", "migrate", "--kernel", "fake"],
+                        mechanism=options.mechanism, guest=options.workload, seed=seed,
+                        profile=options.profile, doctor=False)  # fmt: skip
+        h.extra["deterministic"] = c.as_extra()
+        return RecordingKernel(k, TraceWriter(path, h), mechanism=options.mechanism)
+
+    return migrate_deterministic(options, seed, net=c.net, record=record)

@@ -62,6 +62,10 @@ _FD_RETURNING_IOCTLS = frozenset(
     {K.KVM_CREATE_VM, K.KVM_CREATE_VCPU, K.KVM_CREATE_GUEST_MEMFD, U.USERFAULTFD_IOC_NEW}
 )
 PAGE = 4096
+_EXIT_OFF = 32  # kvm_run: the exit union
+_RUN_RECORDED = 0x120  # the recorder keeps kvm_run up to here, then appends the PIO data
+#: exit_reason -> bytes of the union that exit defines (the others are stale)
+_EXIT_ARM = {K.KVM_EXIT_IO: 16, K.KVM_EXIT_MMIO: 24, K.KVM_EXIT_HLT: 0, K.KVM_EXIT_SHUTDOWN: 0}
 
 
 @dataclass
@@ -166,8 +170,13 @@ def _run_key(c: Call) -> tuple[Any, ...] | None:
         return None
     if c.errno == 0 and reason == K.KVM_EXIT_INTR:
         return None
-    # the exit union and, for port I/O, the data; the header's flags/cr8/apic_base stay
-    return ("KVM_RUN", c.inp, out, c.errno)
+    # the header, the exit's own struct in the union and, for port I/O, the data. The rest of
+    # the union keeps whatever an earlier exit left there (KVM does not clear it): after a
+    # timing-dependent MEMORY_FAULT exit, an IO exit carries that exit's stale ``size``
+    head = out[:_EXIT_OFF]
+    arm = _EXIT_ARM.get(reason)
+    body = out[_EXIT_OFF : _EXIT_OFF + arm] if arm is not None else out[_EXIT_OFF:_RUN_RECORDED]
+    return ("KVM_RUN", c.inp, head, body, out[_RUN_RECORDED:], c.errno)
 
 
 def split_streams(events: Iterable[Event]) -> Streams:

@@ -55,7 +55,7 @@ def replay_command(argv: Sequence[str], profile: str | None) -> list[str]:
         i = args.index("migrate")
     except ValueError:
         raise VerifyError(
-            f"verify replays `fakekvm migrate` recordings; this one ran {args!r}"
+            f"only `fakekvm migrate` recordings can be re-run; this one ran {args!r}"
         ) from None
     out = ["fakekvm", *args[i:]]
     if "--kernel" in out:
@@ -82,7 +82,9 @@ def verify(
     with open_trace(path) as r:
         header = r.header
     if not header.argv:
-        raise VerifyError(f"{path}: the header records no command line")
+        raise VerifyError(
+            f"{path}: the header records no command line (only `fakekvm migrate` recordings can be re-run)"
+        )
     command = replay_command(header.argv, header.profile if header.kernel != "real" else None)
     tmp = None
     if workdir is None:

@@ -9,11 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from postcopy.migrate import MigrateOptions, migrate
+from postcopy.detmigrate import NetOptions
+from postcopy.migrate import MigrateOptions
 from postcopy.stats import latency_bucket
+from replay.det import record_deterministic
 from replay.events import Call, Event, Fault, Header
 from replay.format import open_trace
-from replay.recorder import close_all
 from replay.show import ShowFilter, show_lines
 from replay.stats import compute_stats, format_stats, union_ns
 from tools.cli import main
@@ -98,15 +99,15 @@ def test_empty_trace() -> None:
 def migration(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, int]:
     """(trace path, faults the engine counted) of an 8 MiB uffd-missing migration on the fake."""
     path = str(tmp_path_factory.mktemp("mig") / "mig.trace")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("FAKEKVM_TRACE", path)
-        try:
-            r = migrate(MigrateOptions(kernel="fake", mechanism="uffd-missing", mem_size=8 << 20,
-                                       same_process=True, workload="random", seed=7))  # fmt: skip
-        finally:
-            close_all()
+    # deterministic, over a slow simulated link: demand faults are certain
+    r = record_deterministic(
+        path,
+        MigrateOptions(kernel="fake", mechanism="uffd-missing", mem_size=8 << 20, workload="random", seed=7),
+        seed=3,
+        net=NetOptions(latency_ns=100_000, bandwidth_Bps=20e6),
+    )
     assert os.path.exists(path)
-    return path, r.result.stats.faults
+    return path, r.report.result.stats.faults
 
 
 def test_stats_of_a_recorded_migration_agree_with_the_engine(migration: tuple[str, int]) -> None:
