@@ -9,11 +9,11 @@ guest_memfd (``KVM_CREATE_GUEST_MEMFD`` with ``GUEST_MEMFD_FLAG_MMAP``,
 to a shared gfn is a mismatch: ``KVM_RUN`` fails ``EFAULT`` with
 ``KVM_EXIT_MEMORY_FAULT``, flags ``KVM_MEMORY_EXIT_FLAG_PRIVATE`` (api.rst §5,
 "KVM_EXIT_MEMORY_FAULT"), and the vCPU thread fetches the page. A placed page
-is written through the guest_memfd's own mapping (received straight into it)
-and its gfns flipped with ``KVM_SET_MEMORY_ATTRIBUTES`` PRIVATE (one call per
-received batch); a later access is served from guest_memfd. A page that is
-already private is never written again through the mapping (a duplicate goes
-to a scratch buffer and is dropped). The slot's ``userspace_addr`` (the
+is received into a staging buffer, written through the guest_memfd's own mapping
+and its gfns flipped with ``KVM_SET_MEMORY_ATTRIBUTES`` PRIVATE (one call per run
+of still-shared pages), all under one lock; a later access is served from
+guest_memfd. A page that is already private is never written again (a duplicate
+is dropped): the guest may have changed it since. The slot's ``userspace_addr`` (the
 *shared* view) is anonymous memory registered with userfaultfd MISSING, so
 every other access is resolved by the usual fault thread (``UFFDIO_COPY``
 from the guest_memfd mapping).
@@ -54,7 +54,6 @@ class GmemPrivate(UffdMissing):
         self.private = Bitmap(0)
         self.vm: DestVM | None = None
         self._lock = threading.Lock()
-        self._scratch: set[bool] = set()  # which buffers (demand?) went to staging
         self.exits = 0
 
     def arm(self, kernel: Kernel, layout: MemoryLayout) -> None:
@@ -88,38 +87,31 @@ class GmemPrivate(UffdMissing):
         )
 
     def buffer_for(self, start: int, count: int, demand: bool) -> memoryview:
-        assert self.gmem_view is not None
-        with self._lock:
-            clean = self.private.count(start, count) == 0
-        if clean:
-            self._scratch.discard(demand)
-            ps = self.layout.page_size
-            return self.gmem_view[start * ps : (start + count) * ps]
-        self._scratch.add(demand)
+        # Always a staging buffer, never the guest_memfd mapping itself: between this call and
+        # `place` the other receiver (demand vs background) may place and flip pages of this
+        # range, and the guest may then write them; receiving over them would undo its writes
+        # (found by the deterministic scheduler: a background batch overwrote the vCPU's
+        # freshly converted page-table and stack pages -> triple fault).
         return super().buffer_for(start, count, demand)
 
     def place(self, start: int, count: int, demand: bool) -> None:
         assert self.vm is not None and self.kernel is not None and self.gmem_view is not None
+        assert self.staging is not None and self.placed_digests is not None
         ps = self.layout.page_size
-        if demand in self._scratch:  # copy only the pages that are still shared
-            assert self.staging is not None
-            _, src = self.staging.get(count, demand)
-            with self._lock:
-                runs = list(self.private.runs(start, start + count, clear=True))
+        _, src = self.staging.get(count, demand)
+        # check, copy and flip under one lock: a page is written through the mapping only
+        # while it is still shared, by one placer, before the guest can see it
+        with self._lock:
+            runs = list(self.private.runs(start, start + count, clear=True))
             for s, c in runs:
                 o = (s - start) * ps
                 self.gmem_view[s * ps : (s + c) * ps] = src[o : o + c * ps]
-        else:
-            runs = [(start, count)]
-        assert self.placed_digests is not None
-        for s, c in runs:  # digest what arrived before the guest can see (and change) it
-            self.placed_digests[8 * s : 8 * (s + c)] = page_digests(self.gmem_view, s, c, 1, ps)
-        for s, c in runs:
-            attrs = kvm.kvm_memory_attributes_fmt.pack(
-                s * ps, c * ps, kvm.KVM_MEMORY_ATTRIBUTE_PRIVATE, 0
-            )
-            self.kernel.ioctl(self.vm.vm_fd, kvm.KVM_SET_MEMORY_ATTRIBUTES, bytearray(attrs))
-            with self._lock:
+                # digest what arrived before the guest can see (and change) it
+                self.placed_digests[8 * s : 8 * (s + c)] = page_digests(self.gmem_view, s, c, 1, ps)
+                attrs = kvm.kvm_memory_attributes_fmt.pack(
+                    s * ps, c * ps, kvm.KVM_MEMORY_ATTRIBUTE_PRIVATE, 0
+                )
+                self.kernel.ioctl(self.vm.vm_fd, kvm.KVM_SET_MEMORY_ATTRIBUTES, bytearray(attrs))
                 self.private.set_range(s, c)
 
     def _resolve_shared(self, page: int) -> None:

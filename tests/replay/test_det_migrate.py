@@ -184,3 +184,13 @@ def test_the_engine_survives_the_lost_wake_race() -> None:
 
     found = explore(_opts(), [1, 2, 3], net=NET, inject={"eexist_race": 3})
     assert [f.error for f in found] == [None, None, None]
+
+
+def test_gmem_private_background_never_overwrites_a_converted_page() -> None:
+    """Regression, found by `explore`: a background batch received straight into guest_memfd
+    overwrote pages the vCPU had converted (and written) meanwhile -> triple fault. Every
+    interleaving the seeds pick must now complete with memory verified."""
+    from postcopy.detmigrate import explore
+
+    o = _opts(mechanism="gmem-private", profile="6.18+fake-cc", vcpus=1, workload="sequential", mem_size=8 << 20)
+    assert [f.error for f in explore(o, [1, 2, 3], net=NetOptions())] == [None, None, None]
