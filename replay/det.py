@@ -53,8 +53,8 @@ class DetConfig:
 
 def options_from_command(argv: Sequence[str]) -> MigrateOptions:
     """`MigrateOptions` for a recorded ``fakekvm migrate`` command line, on the fake."""
-    from tools.migrate import DEFAULT_FAKE_PROFILE
     from tools.migrate import add_parser as add_migrate
+    from tools.migrate import options_from_args
 
     args = list(argv)
     if "migrate" not in args:
@@ -63,20 +63,9 @@ def options_from_command(argv: Sequence[str]) -> MigrateOptions:
     ap = argparse.ArgumentParser(prog="fakekvm")
     add_migrate(ap.add_subparsers())
     a = ap.parse_args(["migrate", *args])
-    return MigrateOptions(
-        kernel="fake",
-        profile=a.profile
-        if a.kernel == "fake" and a.profile
-        else DEFAULT_FAKE_PROFILE[a.mechanism],
-        mechanism=a.mechanism,
-        mem_size=a.mem,
-        vcpus=a.vcpus,
-        workload=a.workload,
-        seed=a.seed,
-        huge=a.huge,
-        fault_threads=getattr(a, "fault_threads", 1),
-        batch_pages=getattr(a, "batch_pages", 512),
-    )
+    if a.kernel != "fake":  # a real-kernel recording replays on the fake profile for it
+        a.kernel, a.profile = "fake", None
+    return options_from_args(a)
 
 
 def det_config(header: Header, seed: int | None = None) -> DetConfig:

@@ -127,26 +127,12 @@ DEFAULT_FAKE_PROFILE = {
 }
 
 
-def run(args: argparse.Namespace) -> int:
-    if args.vcpus < 1:
-        print("fakekvm migrate: --vcpus must be at least 1", file=sys.stderr)
-        return 2
-    if args.repeat < 1:
-        print("fakekvm migrate: --repeat must be at least 1", file=sys.stderr)
-        return 2
-    if args.acceptance:
-        from tools import acceptance_postcopy
-
-        return acceptance_postcopy.main(
-            kernel=args.kernel,
-            mem_size=args.mem,
-            repeat=args.repeat if args.repeat > 1 else 5,
-            seed=args.seed,
-        )
+def options_from_args(args: argparse.Namespace) -> MigrateOptions:
+    """The `MigrateOptions` a parsed ``fakekvm migrate`` command line asks for."""
     profile = args.profile
     if args.kernel == "fake" and profile is None:
         profile = DEFAULT_FAKE_PROFILE[args.mechanism]
-    o = MigrateOptions(
+    return MigrateOptions(
         kernel=args.kernel,
         profile=profile,
         mechanism=args.mechanism,
@@ -164,6 +150,25 @@ def run(args: argparse.Namespace) -> int:
         bulk_nice=args.bulk_nice,
         push_order=args.push_order,
     )
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.vcpus < 1:
+        print("fakekvm migrate: --vcpus must be at least 1", file=sys.stderr)
+        return 2
+    if args.repeat < 1:
+        print("fakekvm migrate: --repeat must be at least 1", file=sys.stderr)
+        return 2
+    if args.acceptance:
+        from tools import acceptance_postcopy
+
+        return acceptance_postcopy.main(
+            kernel=args.kernel,
+            mem_size=args.mem,
+            repeat=args.repeat if args.repeat > 1 else 5,
+            seed=args.seed,
+        )
+    o = options_from_args(args)
     if args.repeat > 1:
         return run_repeated(o, args.repeat, as_json=args.json)
     bar = _Bar() if (args.progress or sys.stderr.isatty()) else None
