@@ -76,6 +76,8 @@ def test_inject_eexist_race_needs_an_explicit_wake(k: Any) -> None:
     t.wait_blocked()
     read_msgs(k, fd, 32, a)
     assert copy(k, fd, a, src) == ("EEXIST", -17)
+    # "someone else" was a concurrent fill of the same data (anonymous memory: a COPY of src)
+    assert bytes(k.mm.read(a, PAGE)) == b"\x3c" * PAGE
     t.wait_blocked()  # nobody woke it: the page is there, the waiter still sleeps
     assert t.thread.is_alive()
     assert rng(k, fd, U.UFFDIO_WAKE, a, PAGE) == "0"
