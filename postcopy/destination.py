@@ -96,6 +96,7 @@ class Destination:
         request_timeout: float = 30.0,
         bulk_nice: int = 0,
         demand_slice_ns: int = 0,
+        demand_rt: bool = False,
         fault_threads: int = 1,
         yield_to_demand: float = 0.0,
         progress: Callable[[int, int], None] | None = None,
@@ -119,6 +120,7 @@ class Destination:
         self.request_timeout = request_timeout
         self.bulk_nice = bulk_nice
         self.demand_slice_ns = demand_slice_ns
+        self.demand_rt = demand_rt
         self.fault_threads = max(1, fault_threads)
         self.yield_to_demand = yield_to_demand
         self.progress = progress
@@ -131,7 +133,11 @@ class Destination:
         self._errors: list[BaseException] = []
         self._open: dict[int, list[tuple[int, int]]] = {}  # page -> [(vcpu, t_begin)]
         self._tid_vcpu: dict[int, int] = {}
+        #: live vCPU threads (pthread ids) for the kick signal; an ended thread leaves under
+        #: the lock, so `_abort` never signals a thread that has gone (undefined behaviour:
+        #: it crashed the process with SIGSEGV)
         self._idents: dict[int, int] = {}
+        self._idents_lock = threading.Lock()
         self._bulk_pinned = False
         #: background pipeline (mechanism.bulk_slots > 1): free staging slots, and the
         #: batches received and waiting for the placer thread
@@ -301,6 +307,8 @@ class Destination:
     def _fault_thread(self, j: int) -> None:
         try:
             self._pin(j)  # fault thread j shares a CPU with vCPU j
+            if self.demand_rt:
+                threadprio.realtime()
             self.mechanism.run_fault_loop(self)
         except BaseException as e:
             if not self.stop.is_set():
@@ -321,6 +329,8 @@ class Destination:
             if not vm.stopping:
                 self._fail(e)
         finally:
+            with self._idents_lock:
+                self._idents.pop(i, None)
             self._wake.set()
 
     def _on_memory_fault(self, vcpu: int, run: memoryview) -> bool:
@@ -457,7 +467,8 @@ class Destination:
     ) -> None:
         vm = self.vm
         if vm is not None:
-            vm.interrupt(dict(self._idents))
+            with self._idents_lock:
+                vm.interrupt(dict(self._idents))
         self._stop_fault_threads(fault_threads)
         self._stop_placer(self._placer)
         if self.client is not None:

@@ -34,6 +34,7 @@ from fakekvm.fake.kernel import FakeKernel
 from fakekvm.fake.serial import SerializingKernel
 from fakekvm.guests import layout
 from fakekvm.kernel.seam import Kernel
+from postcopy.balloon import BalloonStorm
 from postcopy.destination import Destination
 from postcopy.mechanisms import make_mechanism
 from postcopy.migrate import (
@@ -104,7 +105,9 @@ def migrate_deterministic(
     net = net or NetOptions()
     mem_digest: list[str] = [""]
     modules = ("postcopy", "replay") if record is not None else ("postcopy",)
-    with deterministic(seed, cost_ns=cost_ns, keep_log=keep_log, max_steps=max_steps, modules=modules) as s:
+    with deterministic(
+        seed, cost_ns=cost_ns, keep_log=keep_log, max_steps=max_steps, modules=modules
+    ) as s:
         profile = o.profile or "6.18-pvm"
         src_fk = FakeKernel(profile, clock=s.clock, scheduler=s)
         dst_fk = FakeKernel(profile, clock=s.clock, scheduler=s)
@@ -178,9 +181,14 @@ def _run(
         b_src, b_dst = sim_pair(s, seed=seed * 2 + 2, name="bulk", **kw)
         src.serve(d_src, b_src)
         excluded = [0]
-        dst_k: Kernel = _InjectingKernel(dst_fk, s, inject) if inject else SerializingKernel(dst_fk, s)
+        dst_k: Kernel = (
+            _InjectingKernel(dst_fk, s, inject) if inject else SerializingKernel(dst_fk, s)
+        )
         if record is not None:
             dst_k = record(dst_k)
+        storm = BalloonStorm.for_options(o)  # workload "balloon": its calls are recorded too
+        if storm is not None:
+            dst_k = storm.wrap(dst_k)
         dest = Destination(
             dst_k,
             make_mechanism(o.mechanism, huge=o.huge),
@@ -202,7 +210,10 @@ def _run(
                     if i is not None:
                         raise MigrationMismatch(f"page {i} arrived different from the source's")
                     return
-                excluded[0] = compare_memory(view, digests, d.dirty_bits(), d.layout.page_size)
+                skip = storm.ballooned if storm is not None else None
+                excluded[0] = compare_memory(
+                    view, digests, d.dirty_bits(), d.layout.page_size, skip
+                )
             finally:
                 view.release()
 
@@ -214,14 +225,17 @@ def _run(
             stop = getattr(dst_k, "stop_recording", None)
             if stop is not None:
                 stop()  # a recorder closes its trace (the caller shuts the fake down)
+        if storm is not None:
+            storm.check()
         check_reports(result, g.expect, o.workload)
         links = {
             "demand-to-source": d_dst.stats, "demand-to-destination": d_src.stats,
             "bulk-to-source": b_dst.stats, "bulk-to-destination": b_src.stats,
         }  # fmt: skip
         return MigrationReport(
-            o, result, excluded[0], dict(vars(src.stats), result=src.result)
-        ), links
+            o, result, excluded[0], dict(vars(src.stats), result=src.result),
+            None if storm is None else storm.stats.as_dict(),
+        ), links  # fmt: skip
     finally:
         mem.release()
         g.vm.close()

@@ -17,13 +17,16 @@ Workloads (the data area ``[DATA_BASE, mem)`` is split evenly between vCPUs):
 ``random``     the toucher, random permutation (seeded)
 ``hotset``     the toucher, 90 % of touches in a hot 1/16 (seeded)
 ``verify``     the verifier sums its share (mod 2^64-59) and reports the checksum
+``balloon``    ``hotset``'s toucher, while the destination's VMM runs a balloon
+               storm over the pages it never touches (:mod:`postcopy.balloon`)
 =============  ===================================================================
 
 Verdict: every vCPU must report what the source predicts (touch count and sum,
 or the checksum), and guest memory must equal the source's page by page (a
 64-bit digest a page, :func:`postcopy.pages.page_digests`, computed on both
 sides) except for pages the destination guest itself wrote, which the KVM
-dirty log of the destination memslot names (stacks, page-table A/D bits).
+dirty log of the destination memslot names (stacks, page-table A/D bits), and
+pages a balloon storm discarded (their content is gone by design; counted).
 :class:`MigrationMismatch` names the first differing page.
 
 :func:`migrate` runs the source in a second process (``spawn``) by default, or
@@ -45,16 +48,18 @@ from fakekvm.guests import GuestVM, layout
 from fakekvm.guests import workloads as w
 from fakekvm.kernel.seam import Kernel
 from postcopy import transport as tp
+from postcopy.balloon import BalloonStorm
 from postcopy.destination import Destination, DestinationResult
 from postcopy.mechanisms import make_mechanism
 from postcopy.pages import first_difference, page_digests
 from postcopy.source import Source
 
-WORKLOADS = ("idle", "sequential", "random", "hotset", "verify")
+WORKLOADS = ("idle", "sequential", "random", "hotset", "verify", "balloon")
 _PATTERNS = {
     "sequential": w.Pattern.SEQUENTIAL,
     "random": w.Pattern.RANDOM,
     "hotset": w.Pattern.HOTSET,
+    "balloon": w.Pattern.HOTSET,
 }
 
 
@@ -186,9 +191,16 @@ def check_reports(result: DestinationResult, expect: list[list[int]], workload: 
             )
 
 
-def compare_memory(view: memoryview, source_digests: bytes, dirty: bytes, page_size: int) -> int:
+def compare_memory(
+    view: memoryview,
+    source_digests: bytes,
+    dirty: bytes,
+    page_size: int,
+    skip: bytes | bytearray | None = None,
+) -> int:
     """Compare destination memory with the source's digests; returns pages excluded as
-    guest-written (dirty). Raises :class:`MigrationMismatch` at the first other difference."""
+    guest-written (dirty). Pages set in ``skip`` (one bit a page: ballooned) are not
+    compared at all. Raises :class:`MigrationMismatch` at the first other difference."""
     nr = len(source_digests) // 8
     mine = page_digests(view, 0, nr, 1, page_size)
     if mine == source_digests:
@@ -196,6 +208,8 @@ def compare_memory(view: memoryview, source_digests: bytes, dirty: bytes, page_s
     excluded = 0
     for i in range(nr):
         if mine[8 * i : 8 * i + 8] != source_digests[8 * i : 8 * i + 8]:
+            if skip and skip[i >> 3] & (1 << (i & 7)):
+                continue
             if dirty and dirty[i >> 3] & (1 << (i & 7)):
                 excluded += 1
                 continue
@@ -203,6 +217,16 @@ def compare_memory(view: memoryview, source_digests: bytes, dirty: bytes, page_s
                 f"guest memory differs from the source at page {i} (gpa {i * page_size:#x})"
             )
     return excluded
+
+
+def check_balloon(storm: BalloonStorm | None) -> None:
+    """A balloon storm that failed fails the migration (`postcopy.balloon.BalloonError`)."""
+    if storm is not None:
+        storm.check()
+
+
+def balloon_stats(storm: BalloonStorm | None) -> dict[str, Any] | None:
+    return None if storm is None else storm.stats.as_dict()
 
 
 # -- the whole migration -----------------------------------------------------------------------
@@ -234,6 +258,11 @@ class MigrateOptions:
     push_order: str = "sequential"
     #: scheduler slice of the demand-path threads (vCPUs, fault, source demand); 0: default
     demand_slice_ns: int = 0
+    #: run the fault threads and the source's demand thread SCHED_FIFO (threadprio.realtime)
+    demand_rt: bool = False
+    #: workload "balloon": inflate/deflate rounds, and pages a round (postcopy.balloon)
+    balloon_rounds: int = 16
+    balloon_pages: int = 32
 
 
 @dataclass
@@ -242,6 +271,8 @@ class MigrationReport:
     result: DestinationResult
     excluded_pages: int = 0
     source: dict[str, Any] = field(default_factory=dict)
+    #: the balloon storm's figures (workload "balloon"; postcopy.balloon.StormStats)
+    balloon: dict[str, Any] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         d = self.result.stats.as_dict()
@@ -253,6 +284,9 @@ class MigrationReport:
         d["vcpu-reports"] = [r.reports for r in self.result.vcpus]
         d["handler"] = self.result.placer
         d["source"] = self.source
+        if self.balloon is not None:
+            d["balloon"] = self.balloon
+            d["ballooned-pages"] = self.balloon["ballooned"]
         return d
 
     def summary(self) -> str:
@@ -265,9 +299,18 @@ class MigrationReport:
         tail = (
             f"Background push rate:\t\t{st.background_rate_pps:f} pgs/sec\n"
             f"Memory verified: equal to the source "
-            f"({self.excluded_pages} guest-written pages excluded)"
+            f"({self.excluded_pages} guest-written pages excluded{self._balloon_note()})"
         )
         return f"{head}\n{st.summary()}\n{tail}"
+
+    def _balloon_note(self) -> str:
+        b = self.balloon
+        if b is None:
+            return ""
+        return (
+            f"; {b['ballooned']} ballooned pages excluded: {b['rounds']} balloon rounds, "
+            f"{b['inflations']} REMOVE-raising madvise calls, {b['refaults']} refaults"
+        )
 
 
 def _parse_address(a: str) -> tp.Address:
@@ -297,6 +340,7 @@ def make_source(mem: Any, states: list[list[bytes]], o: MigrateOptions) -> Sourc
         bulk_nice=o.bulk_nice,
         demand_cpu=o.source_demand_cpu,
         demand_slice_ns=o.demand_slice_ns,
+        demand_rt=o.demand_rt,
     )
 
 
@@ -338,15 +382,21 @@ def migrate(
         tmp.cleanup()
 
 
-def _destination(
+def make_destination(
     o: MigrateOptions,
     kernel: Kernel,
     address: tp.Address,
     progress: Callable[[int, int], None] | None,
     digests: bytes,
     excluded: list[int],
+    storm: BalloonStorm | None = None,
 ) -> Destination:
+    """The destination engine for options ``o`` on ``kernel``, its end-of-run check armed:
+    memory compared with the source's ``digests`` (the number of guest-written pages left
+    out goes to ``excluded[0]``). ``replay --mode serve`` builds its engine with this too."""
     mech = make_mechanism(o.mechanism, huge=o.huge)
+    if storm is not None:  # workload "balloon": a balloon device behind the kernel
+        kernel = storm.wrap(kernel)
     dest = Destination(
         kernel,
         mech,
@@ -359,6 +409,7 @@ def _destination(
         yield_to_demand=o.yield_to_demand,
         bulk_nice=o.bulk_nice,
         demand_slice_ns=o.demand_slice_ns,
+        demand_rt=o.demand_rt,
     )
 
     def check(d: Destination) -> None:
@@ -373,7 +424,8 @@ def _destination(
             return
         view = d.guest_view()
         try:
-            excluded[:] = [compare_memory(view, digests, d.dirty_bits(), d.layout.page_size)]
+            skip = storm.ballooned if storm is not None else None
+            excluded[:] = [compare_memory(view, digests, d.dirty_bits(), d.layout.page_size, skip)]
         finally:
             view.release()
 
@@ -396,13 +448,17 @@ def _migrate_same_process(
         src = make_source(mem, g.states, o)
         addr = src.listen(_parse_address(address))
         excluded: list[int] = [0]
-        dest = _destination(o, dst_kernel, addr, progress, digests, excluded)
+        storm = BalloonStorm.for_options(o)
+        dest = make_destination(o, dst_kernel, addr, progress, digests, excluded, storm)
         try:
             result = dest.run()
         finally:
             src.close()
+        check_balloon(storm)
         check_reports(result, g.expect, o.workload)
-        return MigrationReport(o, result, excluded[0], dict(vars(src.stats), result=src.result))
+        return MigrationReport(
+            o, result, excluded[0], dict(vars(src.stats), result=src.result), balloon_stats(storm)
+        )
     finally:
         mem.release()
         g.vm.close()
@@ -423,12 +479,14 @@ def _migrate_two_processes(
         _, addr, expect, digests = msg
         dst_kernel = make_kernel(o.kernel, o.profile, role="destination", options=o)
         excluded: list[int] = [0]
-        dest = _destination(o, dst_kernel, addr, progress, digests, excluded)
+        storm = BalloonStorm.for_options(o)
+        dest = make_destination(o, dst_kernel, addr, progress, digests, excluded, storm)
         result = dest.run()
+        check_balloon(storm)
         check_reports(result, expect, o.workload)
         end = _recv(parent, proc)
         source = dict(end[2], result=end[1]) if end[0] == "done" else {"error": end[1]}
-        return MigrationReport(o, result, excluded[0], source)
+        return MigrationReport(o, result, excluded[0], source, balloon_stats(storm))
     finally:
         parent.close()
         proc.join(10)

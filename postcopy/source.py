@@ -125,6 +125,7 @@ class Source:
         bulk_nice: int = 0,
         demand_cpu: int | None = None,
         demand_slice_ns: int = 0,
+        demand_rt: bool = False,
     ) -> None:
         mv = memoryview(memory)
         self.memory = mv.cast("B") if mv.format != "B" or mv.ndim != 1 else mv
@@ -143,6 +144,8 @@ class Source:
         #: a short scheduler slice for the demand thread (0: the default), so that a
         #: request wakes it ahead of the bulk sender (:func:`threadprio.latency_sensitive`)
         self.demand_slice_ns = demand_slice_ns
+        #: run the demand thread ``SCHED_FIFO`` (:func:`threadprio.realtime`)
+        self.demand_rt = demand_rt
         self.sched = SendScheduler(
             self.nr_pages,
             batch_pages=batch_pages,
@@ -300,6 +303,8 @@ class Source:
             threadprio.pin(self.demand_cpu)
         if self.demand_slice_ns:
             threadprio.latency_sensitive(self.demand_slice_ns)
+        if self.demand_rt:
+            threadprio.realtime()
         while True:
             ev = ch.next_event()
             if ev is None or isinstance(ev, Bye):

@@ -50,6 +50,21 @@ def background(nice: int = 20) -> bool:
     return True
 
 
+def realtime(priority: int = 1) -> bool:
+    """Make the calling thread ``SCHED_FIFO`` at ``priority`` (``sched(7)``): it
+    preempts every normal thread on its CPU the moment it wakes and runs until it
+    blocks again. For the threads that only run while a vCPU waits for a page (the
+    fault threads, the source's demand thread): they sleep between faults, so they
+    cannot starve the CPU, and a fault no longer waits behind the background push's
+    time slice. Needs ``CAP_SYS_NICE`` (or an ``RLIMIT_RTPRIO``); returns False, the
+    thread unchanged, where it is refused."""
+    try:
+        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(priority))
+        return True
+    except (OSError, AttributeError):
+        return False
+
+
 def cpus() -> list[int]:
     """The CPUs this process may run on, in order."""
     return sorted(os.sched_getaffinity(0))

@@ -29,7 +29,8 @@ from replay.format import open_trace
 
 #: the MigrateOptions fields a deterministic configuration keeps
 _OPTION_FIELDS = ("kernel", "profile", "mechanism", "mem_size", "vcpus", "workload", "seed",
-                  "huge", "fault_threads", "batch_pages")  # fmt: skip
+                  "huge", "fault_threads", "batch_pages", "balloon_rounds",
+                  "balloon_pages")  # fmt: skip
 
 
 @dataclass

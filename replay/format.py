@@ -45,8 +45,8 @@ import threading
 import zlib
 from array import array
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from itertools import accumulate, chain, repeat, starmap
-from typing import Any, BinaryIO
+from itertools import accumulate, repeat, starmap
+from typing import Any, BinaryIO, TypeVar
 
 import msgspec
 
@@ -60,6 +60,8 @@ __all__ = [
     "TraceReader",
     "TraceWriter",
     "decode_chunk",
+    "decode_chunk_faults",
+    "decode_fault_columns",
     "encode_chunk",
     "open_trace",
 ]
@@ -173,13 +175,28 @@ def _shifted(vals: list[int]) -> list[Any]:
 
 
 def _addr(vals: Sequence[Any]) -> list[Any]:
+    """Addresses: delta-encoded (shifted when page-aligned), or, when the addresses are no
+    wider than their deltas (random pages: a delta needs a sign bit and one bit more), the
+    shifted addresses themselves."""
     col = _delta(vals)
     if col[0] == "d" and col[2][0] != "c":
         try:
-            col[2] = _shifted(list(_dec(col[2], len(vals) - 1)))
+            deltas = list(_dec(col[2], len(vals) - 1))
+            col[2] = _shifted(deltas)
+            if min(vals) >= 0 and _fits(list(vals)):
+                bits = functools.reduce(operator.or_, vals, 0)
+                k = (bits & -bits).bit_length() - 1 if bits else 0
+                span = max(map(abs, deltas)).bit_length() + 1
+                if (max(vals) >> k).bit_length() <= span - min(k, _low_zero_bits(deltas)):
+                    return _shifted(list(vals))
         except TypeError:
             pass
     return col
+
+
+def _low_zero_bits(vals: list[int]) -> int:
+    bits = functools.reduce(operator.or_, vals, 0)
+    return (bits & -bits).bit_length() - 1 if bits else 0
 
 
 def _delta(vals: Sequence[Any]) -> list[Any]:
@@ -231,37 +248,42 @@ def _any(vals: Sequence[Any]) -> list[Any]:
 _ENCODERS = {"delta": _delta, "addr": _addr, "table": _table, "int": _pack_ints, "any": _any}
 
 
-def _dec(col: Any, n: int) -> Iterable[Any]:
-    """The ``n`` values of column ``col`` (an iterable; errors raise ValueError/TypeError/...)."""
+def _planes(col: Any, n: int) -> array[int]:
+    """The array of an ``a`` or ``p`` column (byte planes put back together)."""
+    code, raw = col[1], col[2]
+    if col[0] == "p":
+        size = _ITEMSIZE[code]
+        m, rest = divmod(len(raw), size)
+        if rest or m != n:
+            raise ValueError(f"byte-plane column holds {len(raw)} bytes, {n} values expected")
+        planes = raw
+        raw = bytearray(len(planes))
+        for k in range(size):
+            raw[k::size] = planes[k * m : (k + 1) * m]
+    a = array(code)
+    a.frombytes(raw)
+    if _BIG_ENDIAN:
+        a.byteswap()
+    if len(a) != n:
+        raise ValueError(f"packed column holds {len(a)} values, {n} expected")
+    return a
+
+
+def _dec(col: Any, n: int) -> Sequence[Any] | Iterable[Any]:
+    """The ``n`` values of column ``col`` (errors raise ValueError/TypeError/...).
+
+    Built for speed (decoding is mostly this): lists, arrays and ranges made by C loops
+    (``array.frombytes``, ``itertools.accumulate``, ``operator.itemgetter``) rather than
+    chains of lazy iterators, which cost a Python-level step per value and per layer.
+    """
     tag = col[0]
     if tag == "c":
         v = col[1]
         if isinstance(v, list | dict):  # a fresh copy for each event, never one shared list
-            return map(type(v), repeat(v, n))
+            return list(map(type(v), repeat(v, n)))
         return repeat(v, n)
-    if tag == "a":
-        code, raw = col[1], col[2]
-        a = array(code)
-        a.frombytes(raw)
-        if _BIG_ENDIAN:
-            a.byteswap()
-        if len(a) != n:
-            raise ValueError(f"packed column holds {len(a)} values, {n} expected")
-        return a
-    if tag == "p":
-        code, planes = col[1], col[2]
-        size = _ITEMSIZE[code]
-        m, rest = divmod(len(planes), size)
-        if rest or m != n:
-            raise ValueError(f"byte-plane column holds {len(planes)} bytes, {n} values expected")
-        raw = bytearray(len(planes))
-        for k in range(size):
-            raw[k::size] = planes[k * m : (k + 1) * m]
-        a = array(code)
-        a.frombytes(raw)
-        if _BIG_ENDIAN:
-            a.byteswap()
-        return a
+    if tag == "a" or tag == "p":
+        return _planes(col, n)
     if tag == "l":
         vals = col[1]
         if len(vals) != n:
@@ -270,14 +292,27 @@ def _dec(col: Any, n: int) -> Iterable[Any]:
     if tag == "d":
         if n == 0:
             return ()
-        return accumulate(chain((col[1],), _dec(col[2], n - 1)))
+        first, sub = col[1], col[2]
+        if sub[0] == "c" and type(sub[1]) is int and sub[1] and type(first) is int:
+            step = sub[1]  # an arithmetic progression (sequential pages, a fixed period)
+            return range(first, first + n * step, step)
+        if sub[0] == "c" and sub[1] == 0:
+            return repeat(first, n)
+        return list(accumulate(_dec(sub, n - 1), initial=first))
     if tag == "s":
-        return map(operator.lshift, _dec(col[2], n), repeat(col[1]))
+        k = col[1]
+        vals = _dec(col[2], n)
+        if type(vals) is range:
+            return range(vals.start << k, vals.stop << k, vals.step << k) if vals.step else vals
+        return list(map(operator.lshift, vals, repeat(k)))
     if tag == "t":
         table = col[1]
+        idx = _dec(col[2], n)
+        if n == 1:
+            return [table[next(iter(idx))]]
         # an index past the table raises IndexError while the chunk is built (a TraceError);
         # the checksums already vouch for the bytes, so no pass over the indexes here
-        return map(table.__getitem__, _dec(col[2], n))
+        return operator.itemgetter(*idx)(table) if n else ()
     raise ValueError(f"unknown column tag {tag!r}")
 
 
@@ -331,9 +366,8 @@ def _relative_hva(out: dict[str, Any], gpa: Sequence[Any], hva: Sequence[Any]) -
         out["hva"] = ["r", "gpa", ["c", diff]]
 
 
-def _decode_section(cls: type, cols: dict[str, Any], n: int) -> list[Any]:
-    if n == 0:
-        return []
+def _section_columns(cls: type, cols: dict[str, Any], n: int) -> list[Iterable[Any]]:
+    """Every field's ``n`` values (a list, array, range or `itertools.repeat`), in field order."""
     fields: tuple[str, ...] = cls.__struct_fields__  # type: ignore[attr-defined]
     defaults: tuple[Any, ...] = cls.__struct_defaults__  # type: ignore[attr-defined]
     first_default = len(fields) - len(defaults)
@@ -362,9 +396,21 @@ def _decode_section(cls: type, cols: dict[str, Any], n: int) -> list[Any]:
         j = fields.index(ref)
         if any(j == k for k, _, _ in dependent):
             raise ValueError(f"column {fields[i]!r} refers to the computed column {ref!r}")
-        base = its[j] = list(its[j])
-        its[i] = map(operator.add, base, _dec(sub, n))
-    out = list(map(cls, *its))
+        base = its[j]
+        if type(base) is not range:
+            base = its[j] = list(base)
+        if sub[0] == "c" and type(sub[1]) is int and type(base) is range:
+            c = sub[1]  # e.g. hva = gpa + the memslot's offset, over sequential pages
+            its[i] = range(base.start + c, base.stop + c, base.step)
+        else:
+            its[i] = list(map(operator.add, base, _dec(sub, n)))
+    return its
+
+
+def _decode_section(cls: type, cols: dict[str, Any], n: int) -> list[Any]:
+    if n == 0:
+        return []
+    out = list(map(cls, *_section_columns(cls, cols, n)))
     if len(out) != n:
         raise ValueError(f"{len(out)} {cls.__name__} events decoded, {n} expected")
     return out
@@ -407,6 +453,48 @@ def decode_chunk(payload: bytes) -> list[Event]:
         return secs[1]
     nexts = [iter(s).__next__ for s in secs]
     return [nexts[k]() for k in kinds]
+
+
+#: a chunk body whose calls and contents sections msgspec skips without building them
+_dec_faults_only = msgspec.msgpack.Decoder(tuple[bytes, msgspec.Raw, dict[str, Any], msgspec.Raw])
+_FAULT_FIELDS: tuple[str, ...] = Fault.__struct_fields__
+
+
+def _fault_body(payload: bytes) -> tuple[bytes, dict[str, Any], int]:
+    try:
+        body: Any = _dec_faults_only.decode(payload)
+    except msgspec.ValidationError:  # not the 4-element body this writer makes: decode it all
+        body = _dec_any.decode(payload)
+        if not isinstance(body, list) or not body:
+            raise ValueError("chunk body is not an array") from None
+    kinds = body[0]
+    if not isinstance(kinds, bytes):
+        raise ValueError("chunk kinds is not bytes")
+    cols = body[2] if len(body) > 2 else {}
+    if not isinstance(cols, dict):
+        raise ValueError("chunk faults section is not a map")
+    return kinds, cols, kinds.count(_KIND_FAULT)
+
+
+def decode_chunk_faults(payload: bytes) -> tuple[list[Fault], int]:
+    """The chunk's `Fault` s (the calls are skipped, not decoded) and its event count."""
+    kinds, cols, n = _fault_body(payload)
+    return _decode_section(Fault, cols, n), len(kinds)
+
+
+def decode_fault_columns(payload: bytes) -> tuple[dict[str, Sequence[Any]], int]:
+    """The chunk's faults as columns, ``{field: values}`` for every `Fault` field (lists,
+    arrays or ranges; no struct is built), and the chunk's event count."""
+    kinds, cols, n = _fault_body(payload)
+    if n == 0:
+        return {f: [] for f in _FAULT_FIELDS}, len(kinds)
+    out: dict[str, Sequence[Any]] = {}
+    for name, vals in zip(_FAULT_FIELDS, _section_columns(Fault, cols, n), strict=True):
+        v = vals if isinstance(vals, list | range | array | tuple) else list(vals)
+        if len(v) != n:
+            raise ValueError(f"column {name!r} holds {len(v)} values, {n} expected")
+        out[name] = v
+    return out, len(kinds)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -534,6 +622,14 @@ class TraceWriter:
 # ---------------------------------------------------------------------------------------------
 
 
+_T = TypeVar("_T")
+
+
+def _decode_all(payload: bytes) -> tuple[list[Event], int]:
+    events = decode_chunk(payload)
+    return events, len(events)
+
+
 def _read_exact(f: BinaryIO, n: int) -> bytes:
     parts = []
     while n > 0:
@@ -620,6 +716,21 @@ class TraceReader:
 
     def chunks(self) -> Iterator[list[Event]]:
         """The events one chunk at a time (the fastest way through a trace)."""
+        return self._chunks(_decode_all)
+
+    def faults(self) -> Iterator[Fault]:
+        """Only the `Fault` events, in order (calls are skipped undecoded: much faster)."""
+        for faults in self._chunks(decode_chunk_faults):
+            yield from faults
+
+    def fault_columns(self) -> Iterator[dict[str, Sequence[Any]]]:
+        """Per chunk, the faults as ``{field: values}`` (`decode_fault_columns`): the fastest
+        way to the fault stream when no `Fault` object is needed."""
+        return self._chunks(decode_fault_columns)
+
+    def _chunks(self, decode: Callable[[bytes], tuple[_T, int]]) -> Iterator[_T]:
+        """Read, check and ``decode`` each events chunk (``decode(payload) -> (result,
+        events in the chunk)``), yielding the results; see `chunks`."""
         f = self._f
         f.seek(self.data_offset)
         self.complete = False
@@ -687,9 +798,9 @@ class TraceReader:
                 if kind == CHUNK_END:
                     info = _dec_any.decode(payload)
                     self.end_info = info if isinstance(info, dict) else {}
-                    events: list[Event] = []
+                    got = 0
                 else:
-                    events = decode_chunk(payload)
+                    result, got = decode(payload)
             except Exception as e:  # any decoding failure is the file's fault, not ours
                 raise TraceError(
                     f"{self.path}: chunk {index} at byte {pstart}: undecodable payload: "
@@ -705,17 +816,17 @@ class TraceReader:
                     )
                 self.complete = True
                 return
-            if len(events) != count:
+            if got != count:
                 raise TraceError(
                     f"{self.path}: chunk {index} at byte {off}: frame counts {count} events, "
-                    f"the payload holds {len(events)}",
+                    f"the payload holds {got}",
                     off,
                 )
             self.chunks_read += 1
             self.events_read += count
             off = pstart + plen
             index += 1
-            yield events
+            yield result
 
     def __iter__(self) -> Iterator[Event]:
         for events in self.chunks():

@@ -38,9 +38,22 @@ such as a list):
 With ``with_contents`` a successful ``UFFDIO_COPY`` also appends a `Contents` (the ``dst``
 address and the bytes copied from ``src``).
 
-Faults are derived from the calls by `replay.faults.FaultTracker` as they are recorded (the
-engine does nothing for them); a `Fault` is appended when it is resolved, those still waiting
-when the recorder is closed are appended then with ``resolved_ns`` 0.
+Faults are derived from the calls by `replay.faults.FaultTracker` when their chunk is written
+(the engine does nothing for them); a `Fault` goes into the chunk of the call that resolves it
+(after that chunk's calls; with a list sink, right after that call), those still waiting when
+the recorder is closed are appended then with ``resolved_ns`` 0.
+
+Cost (issue 6: at most 5 % of a migration's per-fault latency on the real kernel; measured by
+``fakekvm bench --recorder``, `tools.bench_recorder`): a call on a fault's path (``read``,
+``poll``, ``UFFDIO_COPY``/``UFFDIO_WAKE``, ``monotonic_ns``, ``KVM_RUN``) reads the clock twice,
+copies the bytes it must (the ioctl struct before and after, the ``kvm_run`` page) and appends
+one tuple of the `Call` 's fields but ``seq`` to a shared list: no lock (``list.append`` is
+atomic), no struct, no fault logic; names are cached per request, fd kinds per fd, the thread
+id per thread. ``seq`` (the position in that list: trace order = the order the calls were
+appended in, which is their completion order), the pollfd arrays and the faults are worked out
+when a chunk's worth of rows is written, by the thread that fills it (one at a time, and
+never on a row still being appended), so every chunk of a trace holds exactly
+``chunk_events`` rows whatever the threads did.
 
 `maybe_record` wraps a kernel when ``FAKEKVM_TRACE`` is set (see `replay.capture`).
 """
@@ -55,6 +68,7 @@ import platform
 import struct
 import sys
 import threading
+import time
 import uuid
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
@@ -89,6 +103,7 @@ _NEW_FD_KIND: dict[int, str] = {
 
 
 _FD_MAKERS = frozenset({*_NEW_FD_KIND, kvm.KVM_CREATE_VCPU, kvm.KVM_CREATE_DEVICE})
+_KVM_RUN = kvm.KVM_RUN
 
 
 class Sink(Protocol):
@@ -105,6 +120,11 @@ class RecordingKernel(ForwardingKernel):
     ``sink`` is a `TraceWriter` or any object with ``append(event)`` (a list in tests).
     ``stop_recording()`` appends the unresolved faults and closes the sink if it has ``close``
     (`shutdown` does it too).
+
+    The call path only appends a row (a tuple of the call's fields but ``seq``) to a shared
+    list, without a lock; rows get their ``seq``, and feed the `FaultTracker`, when ``chunk``
+    of them have gathered (a `TraceWriter`'s ``chunk_events``; 1 for any other sink, so a
+    list sees each call at once).
     """
 
     def __init__(
@@ -118,27 +138,36 @@ class RecordingKernel(ForwardingKernel):
         super().__init__(inner)
         self.sink = sink
         self.with_contents = with_contents
+        self._secret = not with_contents
         self.faults = FaultTracker(mechanism)
         self.fault_count = 0
         self.closed = False
-        self._seq = 0
-        # the hot inner methods, bound once
-        self._gettid = inner.gettid
-        self._now = inner.monotonic_ns
-        self._put: Callable[[Any], None]
-        if isinstance(sink, TraceWriter):
-            # one lock for both: the writer's (its unlocked append is called under it)
-            self._lock = sink._lock
-            self._put = sink._append_locked
-            self._chunk_events = sink.chunk_events
-            self._put_flush = sink._flush_locked
-            self._writer_buf = lambda: sink._buf
-            self._rows = True  # Calls go in as tuples of their fields: no struct per call
-            sink.before_flush = self._derive
-        else:
-            self._lock = threading.Lock()
-            self._put = sink.append
-            self._rows = False
+        self._seq = 0  # calls converted so far
+        # the hot inner methods, bound once (the real kernel's clock and tid: the C functions)
+        real = _real_kernel_type()
+        t = type(inner)
+        native = real is not None and t.gettid is real.gettid
+        self._gettid: Callable[[], int] = _native_tid if native else inner.gettid
+        #: ``.tid``: the real kernel's thread id, cached per thread (read inline on the call
+        #: path), or the inner kernel's ``gettid()``
+        self._tls: Any = _TLS if native else _AskInner(inner.gettid)
+        self._now: Callable[[], int] = (
+            time.monotonic_ns if real is not None and t.monotonic_ns is real.monotonic_ns
+            else inner.monotonic_ns
+        )  # fmt: skip
+        self._ioctl = inner.ioctl
+        self._read_fn = inner.read
+        self._poll = inner.poll
+        #: raw rows waiting to be converted (appended without a lock)
+        self._rows: list[Any] = []
+        self._flush_lock = threading.Lock()
+        #: with contents: id(call row) -> its seq, for the Contents that follow their call
+        self._seq_of: dict[int, int] | None = {} if with_contents else None
+        self._writer: TraceWriter | None = sink if isinstance(sink, TraceWriter) else None
+        self._chunk = self._writer.chunk_events if self._writer is not None else 1
+        if self._writer is not None:
+            self._writer.before_flush = self._derive
+            self._hook_writer(self._writer)
         #: fd -> (fd_kind, vcpu)
         self._fds: dict[int, tuple[str, int]] = {}
         #: vCPU fd -> (address, length) of its kvm_run mapping
@@ -146,6 +175,11 @@ class RecordingKernel(ForwardingKernel):
         #: vCPU fd -> (offset, length) in kvm_run of the data the VMM answers the last exit with
         self._answer: dict[int, tuple[int, int]] = {}
         self._names: dict[int, str] = {}
+        #: (pollfds, result) -> the recorded ``struct pollfd`` arrays before/after
+        self._polls: dict[tuple[Any, ...], tuple[bytes, bytes]] = {}
+        #: thread -> vCPU, told at KVM_RUN entry (shared with the tracker: faults taken inside
+        #: a KVM_RUN name the vCPU even though that call completes after them)
+        self._tid_vcpu = self.faults.tid_vcpu
 
     def __getattr__(self, name: str) -> Any:
         # only reached for attributes the recorder does not have (a fake's ``mm``, knobs, ...)
@@ -172,32 +206,104 @@ class RecordingKernel(ForwardingKernel):
         out: bytes,
         ret: int,
         err: int = 0,
-    ) -> int:
-        """Append one `Call` (as a row of its fields when the sink is a `TraceWriter`) and the
-        faults it resolves; returns its seq (-1 once stopped)."""
-        with self._lock:
+    ) -> None:
+        """Append a call given by all its fields but ``seq``."""
+        rows = self._rows
+        # no list in the row when there are no args: a row of atoms is untracked by the GC
+        rows.append((tid, t_ns, dur_ns, op, fd, fd_kind, vcpu, request, name, iarg, args or (),
+                     inp, out, ret, err))  # fmt: skip
+        if len(rows) >= self._chunk:
+            self._convert_ready()
+
+    def _convert_ready(self) -> None:
+        """Hand every whole chunk of rows gathered to the sink (the thread that finds the flush
+        lock taken leaves its row to the thread holding it, which looks again before leaving)."""
+        rows = self._rows
+        chunk = self._chunk
+        lock = self._flush_lock
+        while len(rows) >= chunk:
+            if not lock.acquire(False):
+                return
+            try:
+                while len(rows) >= chunk and not self.closed:
+                    batch = rows[:chunk]
+                    del rows[:chunk]  # (appends meanwhile land after: untouched)
+                    self._deliver(batch)
+            finally:
+                lock.release()
             if self.closed:
-                return -1
-            seq = self._seq
-            self._seq = seq + 1
-            # no list in the row when there are no args: a row of atoms is untracked by the GC
-            row = (seq, tid, t_ns, dur_ns, op, fd, fd_kind, vcpu, request, name, iarg,
-                   args or (), inp, out, ret, err)  # fmt: skip
-            if self._rows:
-                # TraceWriter._append_locked, inlined; faults are derived at flush (_derive)
-                buf = self._writer_buf()
-                buf.append(row)
-                if len(buf) >= self._chunk_events:
-                    self._put_flush()
-                return seq
-            self._put(Call(*row[:11], list(args), *row[12:]))
-            if fd_kind == "userfaultfd" or vcpu >= 0 or request in _REGIONS:
-                faults = self.faults.feed(Call(*row[:11], list(args), *row[12:]))
-                if faults:
-                    self.fault_count += len(faults)
-                    for f in faults:
-                        self._put(f)
-            return seq
+                return
+
+    def _deliver(self, batch: list[Any]) -> None:
+        """Finish the rows (pollfd arrays) and hand them to the sink."""
+        events = self._finish_rows(batch)
+        w = self._writer
+        if w is not None:
+            with w._lock:  # the writer derives the faults of the chunk in ``before_flush``
+                if not w.closed:
+                    w._buf.extend(events)
+                    w._flush_locked()
+            return
+        put = self.sink.append
+        feed = self.faults.feed
+        for e in events:
+            if type(e) is tuple:
+                call = Call(*e[:11], list(e[11]), *e[12:])  # type: ignore[call-arg]
+                put(call)
+                if e[6] == "userfaultfd" or e[7] >= 0 or e[8] in _REGIONS:
+                    faults = feed(call)
+                    if faults:
+                        self.fault_count += len(faults)
+                        for f in faults:
+                            put(f)
+            else:
+                put(e)
+
+    def _finish_rows(self, batch: list[Any]) -> list[Any]:
+        """Rows -> `Call` field tuples: ``seq`` (the position: trace order = the order the
+        rows were appended in) goes in front; a ``poll`` row's ``inp`` holds the ``(fd,
+        events)`` pairs and its ``out`` the result until here, where they become ``struct
+        pollfd`` arrays (cached: a fault thread polls the same fds again and again); a
+        `_PendingContents` gets the seq of its call."""
+        polls = self._polls
+        seq = self._seq
+        seq_of = self._seq_of
+        out: list[Any] = []
+        add = out.append
+        names = self._names
+        name_of = self._name
+        for r in batch:
+            if type(r) is tuple:
+                if seq_of is not None:
+                    seq_of[id(r)] = seq
+                if r[8] is None:  # an ioctl from the call path: its name; out only if changed
+                    req = r[7]
+                    o = r[12]
+                    r = (*r[:8], names.get(req) or name_of(req), r[9], r[10], r[11],
+                         b"" if o == r[11] else o, r[13], r[14])  # fmt: skip
+                elif r[3] == "poll":
+                    fds, res = r[11], r[12]
+                    try:
+                        io = polls.get((fds, *res))
+                    except TypeError:  # (lists inside: not hashable)
+                        io = _pollfds(fds, res)
+                    if io is None:
+                        io = _pollfds(fds, res)
+                        if len(polls) >= 256:
+                            polls.clear()
+                        polls[(fds, *res)] = io
+                    r = (*r[:11], io[0], b"" if r[14] else io[1], r[13], r[14])
+                add((seq, *r))
+                seq += 1
+            elif type(r) is _PendingContents:
+                assert seq_of is not None
+                add(Contents(seq=seq_of.pop(id(r.call), -1), hva=r.hva, data=r.data))
+            else:  # pragma: no cover - every row kind is above
+                raise AssertionError(f"recorder: unknown row {r!r}")
+        self._seq = seq
+        if seq_of is not None and len(seq_of) > 4 * self._chunk + 64:
+            seq_of.clear()  # (the calls of Contents still to come are the last few only)
+        return out
 
     def _derive(self, events: list[Any]) -> list[Event]:
         """The faults resolved by a chunk's calls (the writer calls this before writing it)."""
@@ -211,29 +317,67 @@ class RecordingKernel(ForwardingKernel):
         self.fault_count += len(out)
         return out
 
+    def _drain(self) -> None:
+        """Convert and deliver every row gathered (the last chunk may be short)."""
+        with self._flush_lock:
+            rows = self._rows
+            if self.closed or not rows:
+                return
+            batch = rows[:]
+            del rows[: len(batch)]
+            for i in range(0, len(batch), self._chunk):
+                self._deliver(batch[i : i + self._chunk])
+
+    def _hook_writer(self, w: TraceWriter) -> None:
+        """The writer's own ``flush``/``close`` (a `TraceWriter` used as a context manager around
+        the recorder) write the rows not yet converted first."""
+        w_flush, w_close = w.flush, w.close
+
+        def flush() -> None:
+            self._drain()
+            w_flush()
+
+        def close() -> None:
+            self._drain()
+            w_close()
+
+        w.flush = flush  # type: ignore[method-assign]
+        w.close = close  # type: ignore[method-assign]
+
     @property
     def calls(self) -> int:
-        """Calls recorded so far."""
-        return self._seq
-
-    def _emit_contents(self, seq: int, hva: int, data: bytes) -> None:
-        with self._lock:
-            if not self.closed:
-                self._put(Contents(seq=seq, hva=hva, data=data))
+        """Calls recorded so far (with ``with_contents``: and their `Contents`)."""
+        return self._seq + len(self._rows)
 
     def stop_recording(self) -> None:
-        """Append the faults still waiting, then close the sink (idempotent). The kernel stays
-        usable; later calls are forwarded and no longer recorded."""
-        with self._lock:
+        """Write the calls not yet written, append the faults still waiting, then close the sink
+        (idempotent). The kernel stays usable; later calls are forwarded and no longer
+        recorded."""
+        with self._flush_lock:
             if self.closed:
                 return
-            if self._rows:  # write the calls not yet flushed, with the faults they resolve
-                self.sink._flush_locked()  # type: ignore[attr-defined]
-            pending: list[Fault] = self.faults.finish()
-            for f in pending:
-                self._put(f)
-            self.fault_count += len(pending)
+            rows = self._rows
+            if rows:
+                batch = rows[:]
+                del rows[: len(batch)]
+                for i in range(0, len(batch), self._chunk):
+                    self._deliver(batch[i : i + self._chunk])
             self.closed = True
+            self._rows = _Discard()
+            self._chunk = 1 << 62
+            w = self._writer
+            if w is not None:
+                with w._lock:
+                    if not w.closed:
+                        w._flush_locked()
+                        pending: list[Fault] = self.faults.finish()
+                        w._buf.extend(pending)
+                        self.fault_count += len(pending)
+            else:
+                pending = self.faults.finish()
+                for f in pending:
+                    self.sink.append(f)
+                self.fault_count += len(pending)
         close = getattr(self.sink, "close", None)
         if close is not None:
             close()
@@ -265,20 +409,20 @@ class RecordingKernel(ForwardingKernel):
         inp: bytes = b"",
     ) -> Any:
         """Run ``fn`` and record it; returns its result (``ret`` = an int result, else 0)."""
-        inner = self.inner
         kind, vcpu = self._fds.get(fd, _NO_FD) if fd >= 0 else _NO_FD
-        tid = inner.gettid()
-        t0 = inner.monotonic_ns()
+        tid = self._gettid()
+        now = self._now
+        t0 = now()
         try:
             r = fn()
         except BaseException as e:
-            t1 = inner.monotonic_ns()
+            t1 = now()
             err = (e.errno or 0) if isinstance(e, OSError) else -1
             self._emit(
                 tid, t0, t1 - t0, op, fd, kind, vcpu, 0, "", iarg, args or [], inp, b"", -1, err
             )
             raise
-        t1 = inner.monotonic_ns()
+        t1 = now()
         ret = r if type(r) is int else 0
         self._emit(tid, t0, t1 - t0, op, fd, kind, vcpu, 0, "", iarg, args or [], inp, b"", ret)
         return r
@@ -310,28 +454,91 @@ class RecordingKernel(ForwardingKernel):
         self._answer.pop(fd, None)
 
     def ioctl(self, fd: int, request: int, arg: IoctlArg = 0) -> int:
-        kind, vcpu = self._fds.get(fd, _NO_FD)
-        tid = self._gettid()
-        iarg: int | None
+        # the fault path: two clock reads, the call, one tuple appended (no lock); the name
+        # (None here), the dropping of an unchanged ``out`` and the faults are done when the
+        # chunk is written
+        fk = self._fds.get(fd, _NO_FD)
         if isinstance(arg, int):
-            inp = b""
-            iarg = int(arg)
-        else:
-            inp = bytes(arg)  # type: ignore[arg-type]
-            iarg = None
-        run = None
-        if vcpu >= 0 and request == kvm.KVM_RUN:
-            run = self._runs.get(fd)
-            ans = self._answer.pop(fd, None)
-            if run is not None and ans is not None:
-                inp = _string_at(run[0] + ans[0], ans[1])
-            self.faults.vcpu_thread(tid, vcpu)
+            if request == _KVM_RUN and fk[1] >= 0:
+                return self._kvm_run(fd, fk, arg)
+            now = self._now
+            t0 = now()
+            try:
+                ret = self._ioctl(fd, request, arg)
+            except BaseException as e:
+                self._failed(fd, fk, request, arg, b"", b"", t0, e)
+                raise
+            t1 = now()
+            try:
+                tid = self._tls.tid
+            except AttributeError:  # (this thread's first call)
+                tid = self._gettid()
+            rows = self._rows
+            rows.append((tid, t0, t1 - t0, "ioctl", fd, fk[0], fk[1], request, None, int(arg),
+                         (), b"", b"", ret, 0))  # fmt: skip
+            if len(rows) >= self._chunk:
+                self._convert_ready()
+            if request in _FD_MAKERS:
+                self._new_fd(request, int(arg), b"", ret)
+            return ret
+        inp = bytes(arg)  # type: ignore[arg-type]
+        now = self._now
+        t0 = now()
+        try:
+            ret = self._ioctl(fd, request, arg)
+        except BaseException as e:
+            self._failed(fd, fk, request, None, inp, bytes(arg), t0, e)  # type: ignore[arg-type]
+            raise
+        t1 = now()
+        out = bytes(arg)  # type: ignore[arg-type]
+        try:
+            tid = self._tls.tid
+        except AttributeError:  # (this thread's first call)
+            tid = self._gettid()
+        row = (tid, t0, t1 - t0, "ioctl", fd, fk[0], fk[1], request, None, None, (), inp, out,
+               ret, 0)  # fmt: skip
+        rows = self._rows
+        rows.append(row)
+        if self._seq_of is not None and request == uffd.UFFDIO_COPY and len(inp) >= 40:
+            dst, src, length, _mode, _ = _COPY.unpack_from(inp)
+            rows.append(_PendingContents(row, dst, _string_at(src, length)))
+        if len(rows) >= self._chunk:
+            self._convert_ready()
+        if request in _FD_MAKERS:
+            self._new_fd(request, None, out, ret)
+        return ret
+
+    def _failed(
+        self,
+        fd: int,
+        fk: tuple[str, int],
+        request: int,
+        iarg: int | None,
+        inp: bytes,
+        out: bytes,
+        t0: int,
+        e: BaseException,
+    ) -> None:
+        """Record an ioctl that raised (the inner kernel's exception is re-raised unchanged)."""
+        t1 = self._now()
+        err = (e.errno or 0) if isinstance(e, OSError) else -1
+        self._emit(self._gettid(), t0, t1 - t0, "ioctl", fd, fk[0], fk[1], request,
+                   self._name(request), None if iarg is None else int(iarg), (), inp,
+                   b"" if out == inp else out, -1, err)  # fmt: skip
+
+    def _kvm_run(self, fd: int, fk: tuple[str, int], arg: int) -> int:
+        """``KVM_RUN``: the VMM's answer to the last exit in, the ``kvm_run`` bytes out."""
+        tid = self._gettid()
+        run = self._runs.get(fd)
+        ans = self._answer.pop(fd, None)
+        inp = _string_at(run[0] + ans[0], ans[1]) if run is not None and ans is not None else b""
+        self._tid_vcpu[tid] = fk[1]
         now = self._now
         t0 = now()
         err = 0
         ret = -1
         try:
-            ret = self.inner.ioctl(fd, request, arg)
+            ret = self._ioctl(fd, _KVM_RUN, arg)
         except OSError as e:
             err = e.errno or 0
             raise
@@ -340,24 +547,9 @@ class RecordingKernel(ForwardingKernel):
             raise
         finally:
             t1 = now()
-            if run is not None:
-                out = self._run_bytes(fd, run)
-            elif iarg is not None:
-                out = b""
-            else:
-                out = bytes(arg)  # type: ignore[arg-type]
-                if out == inp:
-                    out = b""
-            name = self._names.get(request) or self._name(request)
-            seq = self._emit(
-                tid, t0, t1 - t0, "ioctl", fd, kind, vcpu, request, name, iarg, (), inp, out,
-                ret, err,
-            )  # fmt: skip
-            if err == 0 and request in _FD_MAKERS:
-                self._new_fd(request, iarg, out, ret)
-            if self.with_contents and err == 0 and request == uffd.UFFDIO_COPY and len(inp) >= 40:
-                dst, src, length, _mode, _ = _COPY.unpack_from(inp)
-                self._emit_contents(seq, dst, _string_at(src, length))
+            out = self._run_bytes(fd, run) if run is not None else b""
+            self._emit(tid, t0, t1 - t0, "ioctl", fd, fk[0], fk[1], _KVM_RUN, "KVM_RUN",
+                       int(arg), (), inp, out, ret, err)  # fmt: skip
         return ret
 
     def _new_fd(self, request: int, iarg: int | None, out: bytes, ret: int) -> None:
@@ -387,29 +579,57 @@ class RecordingKernel(ForwardingKernel):
         return head
 
     def read(self, fd: int, n: int) -> bytes:
-        return self._read("read", fd, n, None)
-
-    def pread(self, fd: int, n: int, offset: int) -> bytes:
-        return self._read("pread", fd, n, offset)
-
-    def _read(self, op: str, fd: int, n: int, offset: int | None) -> bytes:
-        inner = self.inner
-        kind, vcpu = self._fds.get(fd, _NO_FD)
-        tid = self._gettid()
-        args: Sequence[int] = () if offset is None else [offset]
+        fk = self._fds.get(fd, _NO_FD)
         now = self._now
         t0 = now()
         try:
-            data = inner.read(fd, n) if offset is None else inner.pread(fd, n, offset)
+            data = self._read_fn(fd, n)
         except BaseException as e:
-            t1 = now()
-            err = (e.errno or 0) if isinstance(e, OSError) else -1
-            self._emit(tid, t0, t1 - t0, op, fd, kind, vcpu, 0, "", n, args, b"", b"", -1, err)
+            self._read_failed("read", fd, fk, n, (), t0, e)
             raise
         t1 = now()
-        out = data if (self.with_contents or kind not in _GUEST_DATA_KINDS) else b""
-        self._emit(tid, t0, t1 - t0, op, fd, kind, vcpu, 0, "", n, args, b"", bytes(out), len(data))
+        # guest memory (a memfd's, a guest_memfd's) is recorded as its length only
+        out = b"" if self._secret and fk[0] in _GUEST_DATA_KINDS else bytes(data)
+        try:
+            tid = self._tls.tid
+        except AttributeError:  # (this thread's first call)
+            tid = self._gettid()
+        rows = self._rows
+        rows.append((tid, t0, t1 - t0, "read", fd, fk[0], fk[1], 0, "", n, (), b"",
+                     out, len(data), 0))  # fmt: skip
+        if len(rows) >= self._chunk:
+            self._convert_ready()
         return data
+
+    def pread(self, fd: int, n: int, offset: int) -> bytes:
+        fk = self._fds.get(fd, _NO_FD)
+        now = self._now
+        t0 = now()
+        try:
+            data = self.inner.pread(fd, n, offset)
+        except BaseException as e:
+            self._read_failed("pread", fd, fk, n, [offset], t0, e)
+            raise
+        t1 = now()
+        out = b"" if self._secret and fk[0] in _GUEST_DATA_KINDS else bytes(data)
+        self._emit(self._gettid(), t0, t1 - t0, "pread", fd, fk[0], fk[1], 0, "", n, [offset],
+                   b"", out, len(data))  # fmt: skip
+        return data
+
+    def _read_failed(
+        self,
+        op: str,
+        fd: int,
+        fk: tuple[str, int],
+        n: int,
+        args: Sequence[int],
+        t0: int,
+        e: BaseException,
+    ) -> None:
+        t1 = self._now()
+        err = (e.errno or 0) if isinstance(e, OSError) else -1
+        self._emit(self._gettid(), t0, t1 - t0, op, fd, fk[0], fk[1], 0, "", n, args, b"", b"",
+                   -1, err)  # fmt: skip
 
     def write(self, fd: int, data: bytes | bytearray | memoryview) -> int:
         return self._write("write", fd, data, None)
@@ -538,55 +758,108 @@ class RecordingKernel(ForwardingKernel):
         return fd
 
     def poll(self, fds: Sequence[tuple[int, int]], timeout_ms: int | None) -> list[tuple[int, int]]:
-        inner = self.inner
-        tid = inner.gettid()
-        inp = b"".join(_POLLFD.pack(fd, ev & 0xFFFF, 0) for fd, ev in fds)
-        t0 = inner.monotonic_ns()
+        # the pollfd arrays are packed when the chunk is written (`_finish_rows`): until then
+        # the row holds the pairs (a list the caller may change is copied) and the result
+        now = self._now
+        t0 = now()
         try:
-            r = inner.poll(fds, timeout_ms)
+            r = self._poll(fds, timeout_ms)
         except BaseException as e:
-            t1 = inner.monotonic_ns()
+            t1 = now()
             err = (e.errno or 0) if isinstance(e, OSError) else -1
-            self._emit(
-                tid,
-                t0,
-                t1 - t0,
-                "poll",
-                -1,
-                "",
-                -1,
-                0,
-                "",
-                _ival(timeout_ms),
-                [],
-                inp,
-                b"",
-                -1,
-                err,
-            )
+            self._emit(self._gettid(), t0, t1 - t0, "poll", -1, "", -1, 0, "",
+                       _ival(timeout_ms), (), tuple(fds), (), -1, err)  # type: ignore[arg-type]  # fmt: skip
             raise
-        t1 = inner.monotonic_ns()
-        rev = dict(r)
-        out = b"".join(_POLLFD.pack(fd, ev & 0xFFFF, rev.get(fd, 0) & 0xFFFF) for fd, ev in fds)
-        self._emit(
-            tid, t0, t1 - t0, "poll", -1, "", -1, 0, "", _ival(timeout_ms), [], inp, out, len(r)
-        )
+        t1 = now()
+        try:
+            tid = self._tls.tid
+        except AttributeError:  # (this thread's first call)
+            tid = self._gettid()
+        rows = self._rows
+        rows.append((tid, t0, t1 - t0, "poll", -1, "", -1, 0, "",
+                     -1 if timeout_ms is None else timeout_ms, (),
+                     fds if type(fds) is tuple else tuple(fds), r, len(r), 0))  # fmt: skip
+        if len(rows) >= self._chunk:
+            self._convert_ready()
         return r
 
     # -- time and identity -----------------------------------------------------------------------
 
     def monotonic_ns(self) -> int:
         t = self._now()
-        self._emit(self._gettid(), t, 0, "monotonic_ns", -1, "", -1, 0, "", None, (), b"", b"", t)
+        try:
+            tid = self._tls.tid
+        except AttributeError:  # (this thread's first call)
+            tid = self._gettid()
+        rows = self._rows
+        rows.append((tid, t, 0, "monotonic_ns", -1, "", -1, 0, "", None, (), b"", b"",
+                     t, 0))  # fmt: skip
+        if len(rows) >= self._chunk:
+            self._convert_ready()
         return t
 
     def gettid(self) -> int:
-        inner = self.inner
-        tid = inner.gettid()
-        self._emit(
-            tid, inner.monotonic_ns(), 0, "gettid", -1, "", -1, 0, "", None, [], b"", b"", tid
-        )
+        tid = self._gettid()
+        self._emit(tid, self._now(), 0, "gettid", -1, "", -1, 0, "", None, (), b"", b"", tid)
         return tid
+
+
+class _AskInner:
+    """``.tid`` = the inner kernel's ``gettid()`` (for kernels whose tid is not the host's)."""
+
+    __slots__ = ("gettid",)
+
+    def __init__(self, gettid: Callable[[], int]) -> None:
+        self.gettid = gettid
+
+    @property
+    def tid(self) -> int:
+        return self.gettid()
+
+
+class _PendingContents:
+    """A `Contents` whose call has no seq yet (it gets it when the chunk is written)."""
+
+    __slots__ = ("call", "data", "hva")
+
+    def __init__(self, call: tuple[Any, ...], hva: int, data: bytes) -> None:
+        self.call, self.hva, self.data = call, hva, data
+
+
+class _Discard(list[Any]):
+    """Where rows go once recording stopped: nowhere."""
+
+    def append(self, _row: Any, /) -> None:
+        return None
+
+
+def _pollfds(fds: Sequence[tuple[int, int]], res: Sequence[tuple[int, int]]) -> tuple[bytes, bytes]:
+    """The ``struct pollfd`` arrays (``<iHH``) before and after a ``poll``."""
+    rev = dict(res)
+    inp = b"".join([_POLLFD.pack(fd, ev & 0xFFFF, 0) for fd, ev in fds])
+    out = b"".join([_POLLFD.pack(fd, ev & 0xFFFF, rev.get(fd, 0) & 0xFFFF) for fd, ev in fds])
+    return inp, out
+
+
+_TLS = threading.local()
+os.register_at_fork(after_in_child=lambda: _TLS.__dict__.pop("tid", None))
+
+
+def _native_tid() -> int:
+    """``gettid()``, once per thread (``threading.get_native_id`` is a system call each time)."""
+    try:
+        return _TLS.tid
+    except AttributeError:
+        tid = _TLS.tid = threading.get_native_id()
+        return tid
+
+
+def _real_kernel_type() -> Any:
+    try:
+        from fakekvm.kernel.real import RealKernel
+    except ImportError:  # pragma: no cover
+        return None
+    return RealKernel
 
 
 # ---------------------------------------------------------------------------------------------

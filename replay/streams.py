@@ -220,6 +220,11 @@ def split_streams(events: Iterable[Event]) -> Streams:
         if op == "ioctl" and c.request in _FILLS:
             _fill(cn, n, c)
             continue
+        if op == "fallocate" and role == "w":
+            # a worker refilling a page a REMOVE punched out of the page cache before it can
+            # CONTINUE it: how many depends on which CONTINUEs met a punched page (timing)
+            cn.fill_kinds.add("fallocate")
+            continue
         if op == "ioctl" and c.request == K.KVM_SET_MEMORY_ATTRIBUTES and role == "w":
             # conversions at fault time, batched by timing: only the final state counts
             if c.errno == 0 and len(c.inp) >= _ATTRS.size:

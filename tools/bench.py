@@ -151,6 +151,14 @@ def format_results(results: list[Result]) -> str:
 def run(args: argparse.Namespace) -> int:
     if args.qemu:
         return _run_qemu(args)
+    if args.traces:
+        from tools import bench_traces
+
+        return bench_traces.run(trace=args.trace, quick=args.quick, repeat=args.repeat,
+                                as_json=args.json, order=args.synthetic_order,
+                                push_order=args.push_order)  # fmt: skip
+    if getattr(args, "recorder", None):
+        return _run_recorder(args)
     only = set(args.only.split(",")) if args.only else None
     results = run_all(only, repeat=args.repeat, quick=args.quick)
     if args.json:
@@ -180,6 +188,15 @@ def _run_qemu(args: argparse.Namespace) -> int:
     return bench_qemu.run(qargs)
 
 
+def _run_recorder(args: argparse.Namespace) -> int:
+    """``--recorder[=real|fake]``: what recording costs a post-copy fault, per call and per fault,
+    with the 5 % target and PASS/FAIL (tools/bench_recorder.py); ``--recorder-pairs N`` whole
+    migrations A/B as the cross-check (0: none); ``--quick``: fewer blocks, 16 MiB."""
+    from tools import bench_recorder
+
+    return bench_recorder.run_cli(args.recorder, args.recorder_pairs, args.quick, args.json)
+
+
 def add_parser(sub: Any) -> None:
     p = sub.add_parser("bench", help="run the same workloads on the real kernel and the fake, side by side")
     p.add_argument("--only", help="comma-separated: check_extension,first_touch,uffd_fault,uffd_fault_batch")
@@ -191,4 +208,27 @@ def add_parser(sub: Any) -> None:
         action="store_true",
         help="QEMU 7.2 post-copy vs fakekvm's engine, same workload (--only: idle,sequential,random)",
     )
+    p.add_argument(
+        "--recorder", nargs="?", const="auto", choices=("auto", "real", "fake"),
+        help="the recorder's overhead per call and per fault (5%% target, PASS/FAIL); "
+        "default kernel: real when /dev/kvm works",
+    )  # fmt: skip
+    p.add_argument("--recorder-pairs", type=int, default=10, metavar="N",
+                   help="with --recorder: interleaved plain/recorded migration pairs (0: none)")  # fmt: skip
+    p.add_argument(
+        "--traces",
+        action="store_true",
+        help="issue 6's trace benchmarks (tools/bench_traces.py): record a real-kernel migration "
+        "(the fake where no real kernel answers) and report decode rate, bytes per fault event "
+        "and faults replayed per second through the engine, for it and a synthetic 1 GiB "
+        "262,144-fault trace (--quick: 16 MiB recording, 64 MiB synthetic)",
+    )
+    p.add_argument("--trace", help="--traces: use this destination recording instead of recording one")
+    p.add_argument("--synthetic-order", choices=("sequential", "random"), default="sequential",
+                   help="--traces: the synthetic trace's page order (default sequential)")  # fmt: skip
+    p.add_argument("--push-order", choices=("trace", "sequential"), default="trace",
+                   help="--traces: the source's push order in the workload replays (trace: the "
+                        "trace's own fault order, REAP-style; with today's scheduler a random "
+                        "trace pushes one page a batch, so use sequential for --synthetic-order "
+                        "random)")  # fmt: skip
     p.set_defaults(handler=run)

@@ -82,11 +82,24 @@ def add_parser(sub: Any) -> None:
         help="lower the background threads' priority: 1..19 nice, 20 SCHED_IDLE (default 0)",
     )  # fmt: skip
     p.add_argument(
+        "--demand-rt", action="store_true",
+        help="run the fault threads and the source's demand thread SCHED_FIFO (root): "
+        "a fault preempts the background push at once (lower p99, slower push)",
+    )  # fmt: skip
+    p.add_argument(
         "--push-order",
         default="sequential",
         help="background push order: sequential, or trace:PATH (the faults of a recorded "
         "run first, REAP-style)",
     )
+    p.add_argument(
+        "--balloon-rounds", type=int, default=16,
+        help="--workload balloon: inflate/deflate rounds of the balloon storm (default 16)",
+    )  # fmt: skip
+    p.add_argument(
+        "--balloon-pages", type=int, default=32,
+        help="--workload balloon: pages inflated a round (default 32)",
+    )  # fmt: skip
     p.add_argument("--repeat", type=int, default=1, help="run N migrations, then the medians")
     p.add_argument(
         "--acceptance", action="store_true",
@@ -148,7 +161,10 @@ def options_from_args(args: argparse.Namespace) -> MigrateOptions:
         huge=args.huge,
         fault_threads=args.fault_threads,
         bulk_nice=args.bulk_nice,
+        demand_rt=args.demand_rt,
         push_order=args.push_order,
+        balloon_rounds=getattr(args, "balloon_rounds", 16),
+        balloon_pages=getattr(args, "balloon_pages", 32),
     )
 
 

@@ -1,11 +1,12 @@
 """``fakekvm replay --mode serve|verify|workload TRACE``.
 
 * ``serve``: run the VMM code again against a :class:`~replay.serve.ReplayKernel` that
-  answers from the trace alone (no KVM, no fake). Supported today: traces of a `GuestVM` run
-  of a guest image that takes no parameters (``header.guest`` = ``hello``): memory size and
-  vCPU count are read back from the trace. Exit status 0 when the run matched the trace to
-  the end, 1 on a divergence (the decoded report is printed), 2 when the trace cannot be read
-  or served.
+  answers from the trace alone (no KVM, no fake). A ``fakekvm migrate`` recording runs the
+  recorded destination engine on it, with the source rebuilt on the fake
+  (:mod:`replay.serve_migrate`); a `GuestVM` run of a guest image that takes no parameters
+  (``header.guest`` = ``hello``) runs that VMM again (memory size and vCPU count read back
+  from the trace). Exit status 0 when the run matched the trace to the end, 1 on a
+  divergence (the decoded report is printed), 2 when the trace cannot be read or served.
 * ``verify``: run the recorded ``fakekvm migrate`` command again on the fake, recorded, and
   compare the two recordings' canonical streams (:mod:`replay.verify`). Exit status 0 when they
   agree, 1 on a divergence (both sides decoded), 2 when the trace cannot be read or replayed.
@@ -36,6 +37,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument("trace")
     p.add_argument("--window", type=int, default=64,
                    help="serve: how far ahead in a stream a call may match")  # fmt: skip
+    p.add_argument("--patience", type=float, default=30.0,
+                   help="serve: seconds a call may wait for the live run to catch up with the "
+                        "recording before it is reported as a divergence")  # fmt: skip
     p.add_argument("--no-think", action="store_true",
                    help="workload: touch without the recorded think time between faults")  # fmt: skip
     p.set_defaults(handler=run)
@@ -54,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
             return verify(args.trace)
         if args.mode == "workload":
             return workload(args.trace, think=not args.no_think)
-        return serve(args.trace, window=args.window)
+        return serve(args.trace, window=args.window, patience=args.patience)
     except TraceError as e:
         print(f"fakekvm: bad trace (byte {e.offset}): {e}", file=sys.stderr)
         return 2
@@ -70,7 +74,20 @@ def _image(name: str) -> Any:
     return {"hello": workloads.hello_image}.get(name)
 
 
-def serve(path: str, *, window: int = 64) -> int:
+def _serve_migration(header: Any, events: list[Any], *, window: int, patience: float) -> int:
+    from replay.serve_migrate import serve_migration
+    from replay.verify import VerifyError
+
+    try:
+        res = serve_migration(header, events, window=window, patience=patience)
+    except VerifyError as e:
+        print(f"fakekvm replay --mode serve: {e}", file=sys.stderr)
+        return 2
+    print(res.report())
+    return 0 if res.ok else 1
+
+
+def serve(path: str, *, window: int = 64, patience: float = 30.0) -> int:
     from fakekvm.abi import kvm
     from fakekvm.guests import GuestError, GuestVM
     from replay.events import Call
@@ -82,11 +99,14 @@ def serve(path: str, *, window: int = 64) -> int:
         events = list(reader)
         if reader.stopped_at:
             print(f"{path}: {reader.stopped_at}", file=sys.stderr)
+    if any(a == "migrate" for a in header.argv):
+        return _serve_migration(header, events, window=window, patience=patience)
     build = _image(header.guest or "")
-    if build is None or any(a == "migrate" for a in header.argv):
+    if build is None:
         what = " ".join(header.argv) or f"guest {header.guest!r}"
         print(f"fakekvm replay --mode serve: serving this trace ({what}) is not implemented "
-              "yet; supported: GuestVM runs of the hello guest", file=sys.stderr)  # fmt: skip
+              "yet; supported: `fakekvm migrate` recordings and GuestVM runs of the hello guest",
+              file=sys.stderr)  # fmt: skip
         return 2
     calls = [e for e in events if isinstance(e, Call)]
     region = next((c for c in calls if c.name == "KVM_SET_USER_MEMORY_REGION"), None)
@@ -95,7 +115,7 @@ def serve(path: str, *, window: int = 64) -> int:
         return 2
     mem_size = struct.unpack_from("<Q", region.inp, 16)[0]
     vcpus = sum(1 for c in calls if c.name == "KVM_CREATE_VCPU" and not c.errno)
-    rk = ReplayKernel(header, events, window=window)
+    rk = ReplayKernel(header, events, window=window, patience=patience)
     try:
         with GuestVM(rk, mem_size, vcpus=vcpus) as vm:
             vm.load(build())
@@ -111,9 +131,11 @@ def serve(path: str, *, window: int = 64) -> int:
         return 1
     finally:
         rk.shutdown()
-    left = [c for c in rk.pending() if c.op not in ("close", "munmap")]
+    left = rk.unfinished()
     if left:
-        print(f"replay ended with {len(left)} recorded calls not made; the first: #{left[0].seq}")
+        print("replay ended with work the recording did left undone:")
+        for line in left:
+            print(f"  {line}")
         return 1
     print(f"served {rk.matcher.matched} calls from the trace: same as recorded")
     return 0

@@ -9,7 +9,12 @@ The pages are REAL shared memory: every fake memfd is backed by a real memfd
 that real fd with ``MAP_SHARED``, so two mappings see the same bytes and a page
 written through any mapping is visible to the others and to ``pread``. The page
 cache truth is the real memfd's: `page_present` uses ``lseek(SEEK_DATA)``,
-which also sees pages written through mappings the fake cannot observe.
+which also sees pages written through mappings the fake cannot observe -- except
+pages ``fallocate`` allocated and nobody wrote: shmem keeps them in the page cache
+but not uptodate, and ``SEEK_DATA`` reports them as holes (measured here: after one
+``fallocate`` a page is a hole to ``SEEK_DATA`` while ``UFFDIO_CONTINUE`` maps it),
+so the fake remembers them in a bitmap (`_fallocated`) until a hole is punched or
+the file shrinks.
 
 hugetlb memfds are backed by normal pages; the fake keeps hugetlbfs's rules
 (page size, ``st_blksize``, EINVAL for unaligned ftruncate and for write(2),
@@ -26,6 +31,7 @@ from collections.abc import Iterator
 
 from fakekvm.abi import mman
 from fakekvm.fake.files import FakeFile
+from fakekvm.fake.mm.bitmap import Bitmap
 from fakekvm.kernel.real import _libc
 
 PAGE_SHIFT = mman.PAGE_SHIFT
@@ -69,6 +75,8 @@ class FakeMemfd(FakeFile):
         self.real_fd = os.memfd_create(name, real_flags)
         #: i_size, cached (every size change goes through this object)
         self._size = 0
+        #: 4 KiB file pages allocated by fallocate (in the page cache, maybe never written)
+        self._fallocated = Bitmap()
         self.f_flags = mman.O_RDWR
         if self.hugetlb:
             self.kind = "memfd-hugetlb"
@@ -133,7 +141,7 @@ class FakeMemfd(FakeFile):
             pg = pgoff & ~(span - 1)
             return self._next_data(pg << PAGE_SHIFT) < (pg + span) << PAGE_SHIFT
         off = pgoff << PAGE_SHIFT
-        return self._next_data(off) == off
+        return self._fallocated.test(pgoff) or self._next_data(off) == off
 
     def _next_data(self, off: int) -> int:
         try:
@@ -144,7 +152,8 @@ class FakeMemfd(FakeFile):
             raise
 
     def present_ranges(self, start_pg: int, end_pg: int) -> Iterator[tuple[int, int]]:
-        """Runs [a, b) of file pages (4 KiB units) present in the page cache."""
+        """Runs [a, b) of file pages (4 KiB units) with data, as ``SEEK_DATA`` reports them
+        (pages fallocated and never written are holes here, though `page_present`)."""
         off = start_pg << PAGE_SHIFT
         end = end_pg << PAGE_SHIFT
         while off < end:
@@ -225,6 +234,7 @@ class FakeMemfd(FakeFile):
 
             os.ftruncate(self.real_fd, length)
             self._size = length
+            self._fallocated.clear_range((length + PAGE_SIZE - 1) >> PAGE_SHIFT, (old + PAGE_SIZE - 1) >> PAGE_SHIFT)
             invalidate_file_range(self, (length + PAGE_SIZE - 1) >> PAGE_SHIFT, (old + PAGE_SIZE - 1) >> PAGE_SHIFT)
         else:
             os.ftruncate(self.real_fd, length)
@@ -252,6 +262,10 @@ class FakeMemfd(FakeFile):
             return
         _real_fallocate(self.real_fd, mode, offset, length)
         self.resync_size()
+        # shmem_fallocate allocates every page the range touches (within i_size)
+        last = min(offset + length, self.size)
+        if last > offset:
+            self._fallocated.set_range(offset >> PAGE_SHIFT, (last + PAGE_SIZE - 1) >> PAGE_SHIFT)
 
     def punch_hole(self, offset: int, length: int) -> None:
         """Free [offset, offset+length): zeroes it for every mapping and invalidates them."""
@@ -273,6 +287,7 @@ class FakeMemfd(FakeFile):
                 invalidate_file_range(self, hs >> PAGE_SHIFT, he >> PAGE_SHIFT)
             return
         _real_fallocate(self.real_fd, mman.FALLOC_FL_PUNCH_HOLE | mman.FALLOC_FL_KEEP_SIZE, offset, length)
+        self._fallocated.clear_range((offset + PAGE_SIZE - 1) >> PAGE_SHIFT, end >> PAGE_SHIFT)
         # whole pages are dropped from every mapping; partial pages were zeroed in place
         invalidate_file_range(self, (offset + PAGE_SIZE - 1) >> PAGE_SHIFT, end >> PAGE_SHIFT)
 

@@ -737,6 +737,37 @@ def scn_continue(k: Kernel) -> Record:
     return r
 
 
+def scn_continue_fallocated(k: Kernel) -> Record:
+    """Pages ``fallocate`` put in the page cache (never written) are CONTINUE-able, though
+    ``SEEK_DATA`` calls them holes; a punched page (MADV_REMOVE) is not, until refilled."""
+    r: Record = {}
+    mfd, s, via = shmem(k, 4)
+    a = s.address
+    fd = new_uffd(k, U.UFFD_FEATURE_MINOR_SHMEM)
+    register(k, fd, a, 4 * PAGE, U.UFFDIO_REGISTER_MODE_MINOR)
+
+    def seek_data(off: int) -> str:
+        return res(lambda: k.lseek(mfd, off, os.SEEK_DATA))
+
+    r["hole"] = cont(k, fd, a)
+    k.fallocate(mfd, 0, 0, PAGE)
+    r["seek_after_fallocate"] = seek_data(0)
+    r["fallocated"] = cont(k, fd, a)
+    r["content"] = peek(k, a, 1).hex()
+    r["again"] = cont(k, fd, a)
+    poke(k, via.address + PAGE, b"\x42")
+    k.madvise(via.address + PAGE, PAGE, mman.MADV_REMOVE)
+    r["punched"] = cont(k, fd, a + PAGE)
+    k.fallocate(mfd, 0, PAGE, PAGE)
+    r["refilled"] = cont(k, fd, a + PAGE)
+    r["refilled_content"] = peek(k, a + PAGE, 1).hex()
+    k.fallocate(mfd, 0, 2 * PAGE, 2 * PAGE)  # a range: every page it covers
+    r["range"] = cont(k, fd, a + 2 * PAGE, 2 * PAGE)
+    k.close(fd)
+    k.close(mfd)
+    return r
+
+
 def scn_poison(k: Kernel) -> Record:
     r: Record = {}
     m = anon(k, 2)

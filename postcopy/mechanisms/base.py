@@ -57,6 +57,7 @@ import abc
 import errno
 import struct
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -323,6 +324,12 @@ class UffdPlacer:
             self.pending.append((data, t))
             if self.on_pending is not None:
                 self.on_pending()
+        else:
+            # nothing to read: another thread read the event, but the thread that raised it
+            # (a REMOVE's madvise) has yet to wake and end ``mmap_changing``
+            # (``userfaultfd_event_wait_completion``); until it runs, every resolving ioctl
+            # fails EAGAIN -- give it the CPU (and, on the fake, the GIL)
+            time.sleep(0)
 
     # -- resolving -------------------------------------------------------------------
     def copy(self, start_page: int, count: int, src: int, *, wake: bool = True) -> None:

@@ -20,6 +20,7 @@ counter, ``array('H')``), and a fault asks for the whole huge page.
 
 from __future__ import annotations
 
+import errno
 import threading
 from array import array
 from typing import TYPE_CHECKING
@@ -188,7 +189,7 @@ class UffdMinor(UffdMechanism):
     def _continue(self, start: int, count: int) -> None:
         assert self.placer is not None
         if not self.huge:
-            self.placer.cont(start, count)
+            self._cont(start, count)
             with self._claim_lock:
                 self.ready.set_range(start, count)
             return
@@ -214,7 +215,27 @@ class UffdMinor(UffdMechanism):
         with self._claim_lock:
             ready = self.ready.test(page)
         if ready:
-            self.placer.cont(first, per)
+            if self.huge:
+                self.placer.cont(first, per)
+            else:
+                self._cont(first, per)
+
+    def _cont(self, start: int, count: int) -> None:
+        """CONTINUE 4 KiB pages; a page a balloon's ``MADV_REMOVE`` punched out of the page
+        cache meanwhile (CONTINUE fails ``EFAULT``: ``mfill_atomic_pte_continue`` finds no
+        folio) gets a zero page from ``fallocate`` (which fills holes only) and is continued
+        again: the guest gave that page up, zeros are what it may find there."""
+        assert self.placer is not None and self.kernel is not None
+        ps = self.layout.page_size
+        for _ in range(100):
+            try:
+                self.placer.cont(start, count)
+                return
+            except OSError as e:
+                if e.errno != errno.EFAULT:
+                    raise
+                self.kernel.fallocate(self.memfd, 0, start * ps, count * ps)
+        raise OSError(errno.EFAULT, "UFFDIO_CONTINUE: page-cache pages keep disappearing")
 
     def run_fault_loop(self, ctx: FaultContext) -> None:
         assert self.placer is not None

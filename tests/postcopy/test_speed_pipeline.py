@@ -186,6 +186,44 @@ def test_pin_sets_the_calling_threads_affinity() -> None:
     assert set(allowed) == os.sched_getaffinity(0)
 
 
+def test_realtime_acts_on_the_calling_thread_only() -> None:
+    def probe() -> tuple[bool, int, int]:
+        ok = threadprio.realtime(2)
+        return ok, os.sched_getscheduler(0), os.sched_getparam(0).sched_priority
+
+    ok, policy, prio = _in_thread(probe)
+    if not ok:
+        pytest.skip("SCHED_FIFO refused here (no CAP_SYS_NICE / RLIMIT_RTPRIO)")
+    assert (policy, prio) == (os.SCHED_FIFO, 2)
+    assert os.sched_getscheduler(0) == os.SCHED_OTHER  # this thread is untouched
+
+
+def test_demand_rt_makes_the_demand_path_fifo_and_migrates(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``demand_rt``: the fault thread and the source's demand thread go SCHED_FIFO (and
+    nothing else does: not the vCPUs, not the background threads); memory is verified."""
+    if not _in_thread(threadprio.realtime):
+        pytest.skip("SCHED_FIFO refused here (no CAP_SYS_NICE / RLIMIT_RTPRIO)")
+    real = threadprio.realtime
+    fifo: dict[str, int] = {}
+
+    def spy(priority: int = 1) -> bool:
+        ok = real(priority)
+        fifo[threading.current_thread().name] = os.sched_getscheduler(0)
+        return ok
+
+    monkeypatch.setattr(threadprio, "realtime", spy)
+    o = MigrateOptions(kernel="fake", profile="6.18-pvm", mem_size=8 << 20, workload="random",
+                       same_process=True, demand_rt=True)  # fmt: skip
+    r = migrate(o)
+    st = r.result.stats
+    assert st.pages_demand + st.pages_background >= (8 << 20) // PS
+    assert set(fifo.values()) == {os.SCHED_FIFO}
+    names = sorted(fifo)
+    assert any(n.startswith("postcopy-fault") for n in names), names
+    assert any("source" in n for n in names), names
+    assert not any(n.startswith(("vcpu", "postcopy-placer", "postcopy-fetch-bulk")) for n in names)
+
+
 # -- working set -----------------------------------------------------------------------------
 
 

@@ -127,30 +127,54 @@ def test_recorded_errno_is_raised_and_eintr_is_retried() -> None:
 
 
 def test_uffd_read_and_copy_translate_addresses() -> None:
-    rec_base = 0x7F00_0000_0000
+    """A recorded message comes back with the live address; the COPY is answered by the
+    model (the page was filled in the recording) and really copies the live staging bytes."""
+    rec_base, rec_src = 0x7F00_0000_0000, 0x7F00_1000_0000
     msg = uffd.uffd_msg_pagefault_fmt.pack(uffd.UFFD_EVENT_PAGEFAULT, 1, rec_base + 0x3000, 77)
-    copy_in = uffd.uffdio_copy_fmt.pack(rec_base + 0x3000, 0x5555_0000, 4096, 0, 0)
-    copy_out = uffd.uffdio_copy_fmt.pack(rec_base + 0x3000, 0x5555_0000, 4096, 0, 4096)
+    copy_in = uffd.uffdio_copy_fmt.pack(rec_base + 0x3000, rec_src, 4096, 0, 0)
+    copy_out = uffd.uffdio_copy_fmt.pack(rec_base + 0x3000, rec_src, 4096, 0, 4096)
+    reg_in = uffd.uffdio_register_fmt.pack(rec_base, 0x10000, uffd.UFFDIO_REGISTER_MODE_MISSING, 0)
     calls = [
         Call(seq=0, tid=1, t_ns=0, dur_ns=1, op="userfaultfd", iarg=0, ret=5),
         Call(seq=1, tid=1, t_ns=1, dur_ns=1, op="mmap", iarg=0x10000, args=[3, 0x4022, 0, 0],
              ret=rec_base),
-        Call(seq=2, tid=2, t_ns=2, dur_ns=1, op="read", fd=5, fd_kind="userfaultfd", iarg=32,
+        Call(seq=2, tid=1, t_ns=1, dur_ns=1, op="mmap", iarg=0x1000, args=[3, 0x8022, 0, 0],
+             ret=rec_src),
+        Call(seq=3, tid=1, t_ns=2, dur_ns=1, op="ioctl", fd=5, fd_kind="userfaultfd",
+             name="UFFDIO_REGISTER", request=uffd.UFFDIO_REGISTER, inp=reg_in),
+        Call(seq=4, tid=2, t_ns=2, dur_ns=1, op="read", fd=5, fd_kind="userfaultfd", iarg=32,
              out=msg, ret=32),
-        Call(seq=3, tid=2, t_ns=3, dur_ns=1, op="ioctl", fd=5, fd_kind="userfaultfd",
+        Call(seq=5, tid=2, t_ns=3, dur_ns=1, op="ioctl", fd=5, fd_kind="userfaultfd",
              name="UFFDIO_COPY", request=uffd.UFFDIO_COPY, inp=copy_in, out=copy_out),
     ]  # fmt: skip
     rk = ReplayKernel(Header(), calls)
     try:
         ufd = rk.userfaultfd(0)
         m = rk.mmap(-1, 0x10000, 3, 0x4022)
+        staging = rk.mmap(-1, 0x1000, 3, 0x8022)
         assert m.address != rec_base
+        reg = bytearray(uffd.uffdio_register_fmt.pack(m.address, 0x10000, 1, 0))
+        rk.ioctl(ufd, uffd.UFFDIO_REGISTER, reg)
         data = rk.read(ufd, 32)
         _e, flags, address, ptid = uffd.uffd_msg_pagefault_fmt.unpack(data)
         assert (flags, address, ptid) == (1, m.address + 0x3000, 77)
-        buf = bytearray(uffd.uffdio_copy_fmt.pack(address, 0x5555_0000, 4096, 0, 0))
+        with pytest.raises(BlockingIOError):  # one recorded message: then EAGAIN
+            rk.read(ufd, 32)
+        staging.view()[:4] = b"page"
+        buf = bytearray(uffd.uffdio_copy_fmt.pack(address, staging.address, 4096, 0, 0))
         assert rk.ioctl(ufd, uffd.UFFDIO_COPY, buf) == 0
-        assert uffd.uffdio_copy_fmt.unpack(buf) == (address, 0x5555_0000, 4096, 0, 4096)
+        assert uffd.uffdio_copy_fmt.unpack(buf) == (address, staging.address, 4096, 0, 4096)
+        assert bytes(m.view()[0x3000:0x3004]) == b"page"  # the memory effect
+        # the same page again: present now, so EEXIST with copy = -EEXIST, as the kernel says
+        with pytest.raises(FileExistsError):
+            rk.ioctl(ufd, uffd.UFFDIO_COPY, buf)
+        assert uffd.uffdio_copy_fmt.unpack(buf)[4] == -errno.EEXIST
+        # a page the recording never filled: a divergence naming the nearest recorded fill
+        far = bytearray(uffd.uffdio_copy_fmt.pack(m.address + 0x5000, staging.address, 4096, 0, 0))
+        with pytest.raises(ReplayDivergence) as ei:
+            rk.ioctl(ufd, uffd.UFFDIO_COPY, far)
+        assert "which the recording never filled" in str(ei.value)
+        assert "expected #5" in str(ei.value)
     finally:
         rk.shutdown()
 
@@ -259,9 +283,13 @@ def test_cli_modes_not_there_yet_and_unsupported_traces(
     for mode in ("verify", "workload"):  # both re-run a `fakekvm migrate`: a GuestVM run has none
         assert main(["replay", "--mode", mode, path]) == 2
         assert "only `fakekvm migrate` recordings can be re-run" in capsys.readouterr().err
-    mig = _write(tmp_path / "mig.trace", Header(guest="random", argv=["fakekvm", "migrate"]),
-                 events)  # fmt: skip
+    # a migration recorded with both sides in one real-kernel trace cannot be served
+    mig = _write(tmp_path / "mig.trace", Header(guest="random", argv=["fakekvm", "migrate",
+                 "--same-process"]), events)  # fmt: skip
     assert main(["replay", "--mode", "serve", mig]) == 2
+    assert "source and destination in one trace" in capsys.readouterr().err
+    other = _write(tmp_path / "other.trace", Header(guest="echo"), events)
+    assert main(["replay", "--mode", "serve", other]) == 2
     assert "not implemented yet" in capsys.readouterr().err
     assert main(["trace", "plot", path, "-o", str(tmp_path / "x.png")]) == 2
     assert "no faults to plot" in capsys.readouterr().err
