@@ -126,13 +126,18 @@ def main(
     mechanisms: Sequence[str] = MECHANISMS,
     vcpus: Sequence[int] = VCPUS,
     workloads: Sequence[str] = WORKLOADS,
+    pin: bool = False,
+    demand_rt: bool = False,
 ) -> int:
-    """Run the matrix and print the table; 0 when every run passed."""
+    """Run the matrix and print the table; 0 when every run passed. ``pin`` and
+    ``demand_rt`` are `fakekvm migrate`'s ``--pin`` and ``--demand-rt`` for every run."""
     out = log or (lambda s: print(s, file=sys.stderr, flush=True))
-    base = MigrateOptions(kernel=kernel, mem_size=mem_size, seed=seed)
+    base = MigrateOptions(kernel=kernel, mem_size=mem_size, seed=seed, pin=pin,
+                          source_demand_cpu=0 if pin else None, demand_rt=demand_rt)  # fmt: skip
     cells = [Cell(m, v, w) for m in mechanisms for v in vcpus for w in workloads]
     cells += [Cell(m, 1, "idle") for m in mechanisms]
-    out(f"issue 5 acceptance: kernel={kernel} mem={mem_size >> 20}M, {repeat} runs a cell, "
+    flags = "".join(f" {f}" for f, on in (("--pin", pin), ("--demand-rt", demand_rt)) if on)
+    out(f"issue 5 acceptance{flags}: kernel={kernel} mem={mem_size >> 20}M, {repeat} runs a cell, "
         f"load average {os.getloadavg()[0]:.2f}")  # fmt: skip
     for c in cells:
         run_cell(c, base, repeat, out)

@@ -183,6 +183,8 @@ def run(args: argparse.Namespace) -> int:
             mem_size=args.mem,
             repeat=args.repeat if args.repeat > 1 else 5,
             seed=args.seed,
+            pin=args.pin,
+            demand_rt=args.demand_rt,
         )
     o = options_from_args(args)
     if args.repeat > 1:

@@ -98,7 +98,11 @@ def test_acceptance_flag_runs_the_matrix(monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.setattr(acc, "main", lambda **kw: seen.update(kw) or 0)
     a = _args("--acceptance", "--kernel", "fake", "--mem", "16M")
     assert a.handler(a) == 0
-    assert seen == {"kernel": "fake", "mem_size": 16 << 20, "repeat": 5, "seed": 7}
+    assert seen == {"kernel": "fake", "mem_size": 16 << 20, "repeat": 5, "seed": 7,
+                    "pin": False, "demand_rt": False}  # fmt: skip
+    a = _args("--acceptance", "--kernel", "fake", "--pin", "--demand-rt")
+    assert a.handler(a) == 0
+    assert seen["pin"] is True and seen["demand_rt"] is True
 
 
 def test_target_checks() -> None:
