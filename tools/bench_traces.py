@@ -14,9 +14,9 @@
    its events chunks (frames and stored payloads; not the file head, header or end chunk)
    divided by the number of faults. Whole-file bytes per event are shown too.
 4. **Workload replay**: faults replayed per second through the engine in workload mode
-   (`replay.workload.run_engine_workload`: scripted vCPUs, the real `Source`/`Destination`,
+   (`replay.workload_engine.run_engine_workload`: scripted vCPUs, the real `Source`/`Destination`,
    the fake kernel, the source serving an image), for the recording and for a synthetic 1 GiB
-   trace whose 262,144 faults touch every page once (`replay.workload.synthetic_trace`),
+   trace whose 262,144 faults touch every page once (`replay.workload_engine.synthetic_trace`),
    pushed in the trace's order; with how many touches became demand faults and the time split.
 
 Each figure is reported for both traces (the recording, the 1 GiB synthetic one) side by side.
@@ -112,7 +112,7 @@ def measure(
     label: str, path: str, *, repeat: int = 5, replay: bool = True, push_order: str = "trace"
 ) -> TraceFigures:
     """Decode rates, bytes per fault and the workload replay of one trace."""
-    from replay.workload import run_engine_workload
+    from replay.workload_engine import run_engine_workload
 
     with open_trace(path) as r:  # counts first: nothing of the trace stays in memory while timing
         header = r.header
@@ -249,7 +249,7 @@ def format_report(rec: TraceFigures, syn: TraceFigures) -> str:
 def run(*, trace: str | None = None, quick: bool = False, repeat: int = 5,
         as_json: bool = False, order: str = "sequential", push_order: str = "trace") -> int:  # fmt: skip
     from fakekvm.kernel.real import kvm_available
-    from replay.workload import synthetic_trace
+    from replay.workload_engine import synthetic_trace
 
     with tempfile.TemporaryDirectory(prefix="fakekvm-bench-traces-") as d:
         note = ""

@@ -212,7 +212,7 @@ def test_decode_rate_counts_events(tmp_path: Path) -> None:
 
 
 def test_decode_benchmark(benchmark: Any, tmp_path: Path) -> None:
-    from replay.workload import synthetic_trace
+    from replay.workload_engine import synthetic_trace
 
     path = str(tmp_path / "s.trace")
     n = synthetic_trace(path, 16 << 20, order="random")
@@ -229,7 +229,8 @@ def test_decode_benchmark(benchmark: Any, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("order", ["sequential", "random"])
 def test_synthetic_trace_touches_every_page_once(tmp_path: Path, order: str) -> None:
-    from replay.workload import scripts_from_events, synthetic_trace
+    from replay.workload import scripts_from_events
+    from replay.workload_engine import synthetic_trace
 
     path = str(tmp_path / "s.trace")
     mem = 4 << 20
@@ -247,7 +248,7 @@ def test_synthetic_trace_touches_every_page_once(tmp_path: Path, order: str) -> 
 
 @pytest.mark.parametrize("order", ["sequential", "random"])
 def test_engine_replays_every_touch_and_pages_land_in_place(tmp_path: Path, order: str) -> None:
-    from replay.workload import run_engine_workload, synthetic_trace
+    from replay.workload_engine import run_engine_workload, synthetic_trace
 
     path = str(tmp_path / "s.trace")
     n = synthetic_trace(path, 8 << 20, vcpus=2, order=order)
@@ -260,7 +261,7 @@ def test_engine_replays_every_touch_and_pages_land_in_place(tmp_path: Path, orde
 
 
 def test_replay_cli_workload_routes_a_synthetic_trace_to_the_engine(tmp_path: Path) -> None:
-    from replay.workload import synthetic_trace
+    from replay.workload_engine import synthetic_trace
     from tools.cli import main
 
     path = str(tmp_path / "s.trace")
@@ -319,7 +320,7 @@ def test_bench_traces_prints_every_figure_on_a_fake_recording(tmp_path: Path) ->
 
 
 def test_engine_replay_of_a_deterministic_fake_recording(tmp_path: Path) -> None:
-    from replay.workload import run_engine_workload
+    from replay.workload_engine import run_engine_workload
 
     trace = _fake_recording(tmp_path)
     with open_trace(trace) as r:
