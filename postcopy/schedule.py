@@ -16,8 +16,12 @@ previous run are sent first).
   first, wrapping around after the cursor moved) or ``"trace"`` (the page
   numbers of a previous run's faults, in order, then the rest sequentially).
 * ``follow_demand`` (QEMU's behaviour) moves the sequential cursor to just
-  after each demand range. During the trace phase the trace is the better
-  prediction and the cursor is left alone.
+  after each demand range. During the trace phase it moves the trace position
+  instead: a demand for a page of the trace means the guest is there, so the
+  push goes on from the trace entry after it (pages skipped are sent by the
+  sequential sweep that follows the trace). Each trace page is sent with the
+  unsent rest of its ``batch_pages``-aligned block, so a scattered working set
+  still goes in whole batches.
 * Background batches are runs of at most ``batch_pages`` contiguous unsent
   pages. A page is never sent twice by the background, and the background never
   sends a page that demand already sent; demand may send a page again (it asked).
@@ -68,6 +72,14 @@ class SendScheduler:
         elif trace is not None:
             raise ValueError(f"a trace was given with policy {self.policy.value!r}")
         self._ti = 0
+        #: page -> its first position in the trace (-1: not in it); trace policy only
+        self._trace_pos: array[int] | None = None
+        if self.policy is Policy.TRACE:
+            pos = array("i", [-1]) * nr_pages
+            for k, p in enumerate(self._trace):
+                if pos[p] < 0:
+                    pos[p] = k
+            self._trace_pos = pos
         self.pages_demand = 0
         self.pages_background = 0
         self.pages_resent = 0  # demand pages that had been sent before
@@ -99,6 +111,9 @@ class SendScheduler:
             self.sent.set_range(start, count)
             self.nr_sent += count - before
         self.pages_demand += count
+        tpos = self._trace_pos
+        if self.follow_demand and tpos is not None and tpos[start] >= self._ti:
+            self._ti = tpos[start] + 1  # the guest is there: what it touches next follows it
         if self.follow_demand and self._ti >= len(self._trace):
             self.cursor = start + count if start + count < self.nr_pages else 0
         return start, count
@@ -130,18 +145,13 @@ class SendScheduler:
             self._ti = n
             return None
         start = tr[i]
-        count = 1
-        i += 1
-        while (
-            i < n
-            and count < self.batch_pages
-            and tr[i] == start + count
-            and not sent.test(start + count)
-        ):
-            count += 1
-            i += 1
-        self._ti = i
-        return start, count
+        # the unsent rest of the trace page's batch-aligned block: a working set of scattered
+        # pages goes first in whole batches (one page a frame would crawl: measured 4 k pages/s
+        # on the fake, and on the real kernel 2.8x the faults of the sequential push)
+        block_end = start - start % self.batch_pages + self.batch_pages
+        end = min(sent.next_set(start), block_end, self.nr_pages)
+        self._ti = i + 1
+        return start, end - start
 
     def _next_sequential_run(self) -> tuple[int, int]:
         sent = self.sent

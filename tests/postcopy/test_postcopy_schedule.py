@@ -67,11 +67,29 @@ def test_trace_policy_sends_the_working_set_first() -> None:
     trace = [40, 41, 42, 7, 7, 99, 500, 8, 3]  # duplicates and out-of-range entries are ignored
     s = SendScheduler(100, batch_pages=2, policy="trace", trace=trace)
     out = _drain(s)
-    assert out[:5] == [(40, 2, False), (42, 1, False), (7, 1, False), (99, 1, False), (8, 1, False)]
-    assert out[5] == (3, 1, False)
+    # each trace page with the unsent rest of its batch-aligned block: [42, 44), [8, 10)
+    assert out[:6] == [(40, 2, False), (42, 2, False), (7, 1, False), (99, 1, False),
+                       (8, 2, False), (3, 1, False)]  # fmt: skip
     assert out[6] == (0, 2, False)  # then the rest sequentially
     sent = sorted(p for a, c, _ in out for p in range(a, a + c))
     assert sent == list(range(100))
+
+
+def test_trace_policy_follows_a_demand_along_the_trace() -> None:
+    """A demand for a trace page moves the push to the trace entry after it (the guest is
+    there); the trace pages skipped go out with the sequential sweep at the end."""
+    trace = [10, 20, 30, 40, 50, 60]
+    s = SendScheduler(100, batch_pages=1, policy="trace", trace=trace)
+    assert s.next() == (10, 1, False)
+    s.demand(40)
+    assert s.next() == (40, 1, True)
+    assert s.next() == (50, 1, False)  # not 20: the guest touched 40 already
+    s.demand(20)  # an earlier trace page: no jump back
+    assert s.next() == (20, 1, True)
+    assert s.next() == (60, 1, False)
+    rest = _drain(s)
+    assert rest[0] == (0, 1, False) and (30, 1, False) in rest
+    assert sorted({p for a, c, _ in rest for p in range(a, a + c)} | {10, 20, 40, 50, 60}) == list(range(100))
 
 
 @settings(max_examples=200, deadline=None)

@@ -255,7 +255,8 @@ def test_in_memory_transports_and_trace_order(no_thread_leak: None) -> None:
         c.wait_complete(T)
         assert c.memory is None and sink.view == mem
         bulk = [(s, n) for d, s, n, _ in sink.log if not d]
-        assert bulk[:4] == [(200, 3), (50, 1), (7, 2), (0, 7)]
+        # each trace page with the unsent rest of its 16-page block, then the rest in order
+        assert bulk[:4] == [(200, 8), (50, 14), (7, 9), (0, 7)]
         assert c.tracker.duplicate_pages == 0
         assert c.vcpu_states == [{1: REGS, 2: SREGS}]
         c.finish(T)
