@@ -259,9 +259,15 @@ class Destination:
         self._placer_stopped = True
 
     def _account(self, start: int, count: int, demand: bool) -> None:
-        """Pages are visible to the guest: count them and end the faults they resolve."""
-        t = self.kernel.monotonic_ns()
+        """Pages are visible to the guest: count them and end the faults they resolve.
+
+        The clock is read only when a fault is open (a demand page always has one): most
+        background batches resolve none, and every clock read is a kernel call a recording
+        pays for. A fault that opens between the check and the lock is ended with a clock
+        read after the lock is dropped (no kernel call under the lock)."""
+        t = self.kernel.monotonic_ns() if self._open else None
         st = self.stats
+        late: list[tuple[int, int]] = []
         with self._lock:
             already = self.placed.count(start, count)
             if already < count:
@@ -275,17 +281,24 @@ class Destination:
             open_ = self._open
             if open_:
                 if count <= len(open_):  # look the placed pages up (a demand page: one)
-                    for page in range(start, start + count):
-                        for vcpu, t0 in open_.pop(page, ()):
-                            st.fault_end(vcpu, t0, t)
+                    ended = [f for page in range(start, start + count) for f in open_.pop(page, ())]
                 else:  # a big batch: look the few open faults up
                     end = start + count
-                    for page in [p for p in open_ if start <= p < end]:
-                        for vcpu, t0 in open_.pop(page):
-                            st.fault_end(vcpu, t0, t)
+                    pages = [p for p in open_ if start <= p < end]
+                    ended = [f for page in pages for f in open_.pop(page)]
+                if t is None:
+                    late = ended
+                else:
+                    for vcpu, t0 in ended:
+                        st.fault_end(vcpu, t0, t)
                 if not open_:
                     self._demand_idle.notify_all()
             done = self.nr_placed == self.layout.nr_pages
+        if late:
+            t = self.kernel.monotonic_ns()
+            with self._lock:
+                for vcpu, t0 in late:
+                    st.fault_end(vcpu, t0, t)
         if self.progress is not None:
             self.progress(self.nr_placed, self.layout.nr_pages)
         if done:

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from replay.events import Fault, Header
-from replay.format import TraceWriter, open_trace
+from replay.format import CHUNK_EVENTS, CHUNK_FRAME, TraceWriter, open_trace
 
 #: the targets of issue 6
 TARGET_DECODE = 2_000_000  # events/s
@@ -54,11 +54,18 @@ def bytes_per_fault(
     if not faults:
         return 0.0
     with tempfile.TemporaryDirectory(prefix="fakekvm-bpf-", dir=workdir) as d:
-        with TraceWriter(os.path.join(d, "faults.trace"), header or Header()) as w:
-            start = w.bytes
+        path = os.path.join(d, "faults.trace")
+        with TraceWriter(path, header or Header()) as w:
             w.extend(faults)
-            w.flush()
-            size = w.bytes - start
+        # the closed file (chunks recompressed by close): its events chunks' frames + payloads
+        size = 0
+        with open(path, "rb") as f:
+            f.seek(w.head_bytes)
+            while frame := f.read(CHUNK_FRAME.size):
+                _magic, kind, _flags, _count, plen, _pcrc, _fcrc = CHUNK_FRAME.unpack(frame)
+                f.seek(plen, os.SEEK_CUR)
+                if kind == CHUNK_EVENTS:
+                    size += len(frame) + plen
         return size / len(faults)
 
 

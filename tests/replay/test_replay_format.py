@@ -481,3 +481,47 @@ def test_bad_table_index_is_undecodable(tmp_path: Path) -> None:
     with pytest.raises(IndexError):
         decode_chunk(body)
     assert decode_chunk(body.replace(b"\x05", b"\x00")) == [Call(0, 1, 2, 3, "ioctl")]
+
+
+def test_close_recompresses_the_fast_recording_chunks(tmp_path: Path) -> None:
+    """While recording, chunks are zlib level `RECORD_LEVEL` (cheap for the thread that fills
+    one); `close` rewrites each at `ZLIB_LEVEL`: the same events, smaller, every checksum valid."""
+    from replay.format import CHUNK_FRAME, RECORD_LEVEL, ZLIB_LEVEL
+
+    rnd = random.Random(3)
+    events: list[Event] = []
+    t = 10**12
+    for i in range(3 * 512 + 7):
+        t += rnd.randrange(1, 4000)
+        events.append(Call(seq=i, tid=1000 + i % 3, t_ns=t, dur_ns=rnd.randrange(300, 9000),
+                           op="ioctl", fd=7, fd_kind="userfaultfd", request=0xC028AA03,
+                           name="UFFDIO_COPY", inp=rnd.randbytes(8) + bytes(32), out=bytes(40)))  # fmt: skip
+    path = tmp_path / "t.trace"
+    w = TraceWriter(path, Header(), chunk_events=512)
+    w.extend(events)
+    w.flush()
+    fast = (tmp_path / "t.trace.incomplete").read_bytes()
+    w.close()
+    assert not (tmp_path / "t.trace.incomplete").exists()
+    final = path.read_bytes()
+    assert len(final) < len(fast) and w.bytes == len(final)
+    with open_trace(path, strict=True) as r:
+        assert list(r) == events
+
+    def payloads(data: bytes) -> list[bytes]:
+        out, off = [], w.head_bytes
+        while off < len(data):
+            _m, kind, _flags, _c, plen, pcrc, _f = CHUNK_FRAME.unpack_from(data, off)
+            p = data[off + CHUNK_FRAME.size : off + CHUNK_FRAME.size + plen]
+            assert zlib.crc32(p) == pcrc
+            if kind == 0:
+                out.append(p)
+            off += CHUNK_FRAME.size + plen
+        return out
+
+    before, after = payloads(fast), payloads(final)
+    assert len(before) == len(after) == 4
+    for b, a in zip(before, after, strict=True):
+        raw = zlib.decompress(b)
+        assert zlib.decompress(a) == raw
+        assert b == zlib.compress(raw, RECORD_LEVEL) and a == zlib.compress(raw, ZLIB_LEVEL)
