@@ -763,6 +763,16 @@ def scn_continue_fallocated(k: Kernel) -> Record:
     r["refilled_content"] = peek(k, a + PAGE, 1).hex()
     k.fallocate(mfd, 0, 2 * PAGE, 2 * PAGE)  # a range: every page it covers
     r["range"] = cont(k, fd, a + 2 * PAGE, 2 * PAGE)
+    # a fallocated page, never written, then punched out: gone from the page cache again
+    k.fallocate(mfd, mman.FALLOC_FL_PUNCH_HOLE | mman.FALLOC_FL_KEEP_SIZE, 2 * PAGE, 2 * PAGE)
+    k.fallocate(mfd, 0, 2 * PAGE, PAGE)
+    k.fallocate(mfd, mman.FALLOC_FL_PUNCH_HOLE | mman.FALLOC_FL_KEEP_SIZE, 2 * PAGE, PAGE)
+    r["fallocated_then_punched"] = cont(k, fd, a + 2 * PAGE)
+    # and past a shrinking ftruncate (then grown back): no page left there either
+    k.fallocate(mfd, 0, 3 * PAGE, PAGE)
+    k.ftruncate(mfd, 3 * PAGE)
+    k.ftruncate(mfd, 4 * PAGE)
+    r["fallocated_then_truncated"] = cont(k, fd, a + 3 * PAGE)
     k.close(fd)
     k.close(mfd)
     return r

@@ -321,3 +321,60 @@ def test_latency_sensitive_sets_a_short_slice() -> None:
     assert ok  # Linux 6.18 here: sched_setattr with sched_runtime is accepted
     line = next(x for x in sched.splitlines() if x.startswith("se.slice"))
     assert int(line.split(":")[1]) == 200_000
+
+
+# -- the clock reads of placement accounting ---------------------------------------------------
+
+
+class _Clock:
+    """A kernel whose only call here is ``monotonic_ns``: counted, 1000 ns apart."""
+
+    def __init__(self) -> None:
+        self.reads = 0
+
+    def monotonic_ns(self) -> int:
+        self.reads += 1
+        return 1000 * self.reads
+
+
+class _RacyOpen(dict[int, list[tuple[int, int]]]):
+    """Open faults that look empty to the unlocked check only (a fault opened in between)."""
+
+    checked = False
+
+    def __bool__(self) -> bool:
+        if not self.checked:
+            self.checked = True
+            return False
+        return len(self) > 0
+
+
+def _accounting(pages: int) -> tuple[Destination, _Clock]:
+    from postcopy.mechanisms.base import MemoryLayout
+    from postcopy.pages import Bitmap
+    from postcopy.stats import MigrationStats
+
+    clock = _Clock()
+    d = Destination(clock, UffdMissing(), connect=lambda: (None, None))  # type: ignore[arg-type, return-value]
+    d.layout = MemoryLayout(pages * PS, PS)
+    d.placed = Bitmap(pages)
+    d.stats = MigrationStats(1)
+    return d, clock
+
+
+def test_a_batch_that_resolves_no_fault_reads_no_clock() -> None:
+    d, clock = _accounting(64)
+    d._account(0, 16, False)  # background, nothing open: no kernel call at all
+    assert clock.reads == 0 and d.nr_placed == 16
+    d.stats.fault_begin(0, 500)
+    d._open[20] = [(0, 500)]
+    d._account(16, 16, False)  # a batch that ends the fault open on page 20
+    assert clock.reads == 1 and list(d.stats.samples) == [1000 - 500] and not d._open
+
+
+def test_a_fault_opened_during_the_check_is_still_ended() -> None:
+    d, clock = _accounting(64)
+    d.stats.fault_begin(0, 100)
+    d._open = _RacyOpen({5: [(0, 100)]})
+    d._account(0, 8, True)
+    assert clock.reads == 1 and list(d.stats.samples) == [1000 - 100] and not d._open
