@@ -1,7 +1,7 @@
 """`DestVM`: the destination's VMM -- a VM built by a fault mechanism, restored vCPUs, run loops.
 
-Like :class:`fakekvm.guests.vm.GuestVM` (same port protocol,
-:mod:`fakekvm.guests.ports`), but the mechanism chooses the VM type
+Like :class:`fakekvm.guests.vm.GuestVM` (same fds, port protocol and teardown:
+:mod:`fakekvm.guests.vmm`, :mod:`fakekvm.guests.ports`), but the mechanism chooses the VM type
 (``KVM_CREATE_VM`` argument: the fake confidential type for ``gmem-private``)
 and installs the memslots itself (``KVM_SET_USER_MEMORY_REGION2`` with
 ``KVM_MEM_USERFAULT`` or ``KVM_MEM_GUEST_MEMFD``), vCPU state arrives as raw
@@ -21,17 +21,13 @@ from __future__ import annotations
 import errno
 import signal
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from fakekvm.abi import kvm, mman
-from fakekvm.guests import ports
-from fakekvm.guests.exits import exit_name, read_exit_reason
-from fakekvm.kernel.mapping import Mapping
+from fakekvm.guests.exits import decode_exit, read_exit_reason
+from fakekvm.guests.vmm import PortResult, VmmBase, answer_exit
 from fakekvm.kernel.seam import Kernel
 
-_OFF = kvm.KVM_RUN_EXIT_OFFSET
-_IO = kvm.kvm_run_io_fmt
-_MMIO = kvm.kvm_run_mmio_fmt
 _KICK_SIGNAL = signal.SIGUSR1
 
 
@@ -49,47 +45,27 @@ def install_kick_handler() -> bool:
 
 
 @dataclass
-class VcpuResult:
-    vcpu: int
-    reports: list[int] = field(default_factory=list)
-    serial: bytearray = field(default_factory=bytearray)
-    done: int | None = None
-    stop: str = ""
-    error: str | None = None
+class VcpuResult(PortResult):
+    """What one :meth:`DestVM.run` saw (``stop`` may also be "stopped", "max_exits")."""
+
     exits: int = 0
     memory_faults: int = 0
-
-    def report64(self, index: int) -> int:
-        return ports.join64(self.reports[index], self.reports[index + 1])
 
 
 class GuestFailed(RuntimeError):
     """A vCPU stopped on an error exit."""
 
 
-class DestVM:
+class DestVM(VmmBase):
     """A VM of ``vm_type`` with ``nr_vcpus`` vCPUs; memslots come from the caller."""
 
     def __init__(self, kernel: Kernel, vm_type: int, nr_vcpus: int, kvm_path: str = "/dev/kvm"):
-        self.kernel = kernel
-        self.kvm_fd = -1
-        self.vm_fd = -1
-        self.vcpu_fds: list[int] = []
-        self.runs: list[Mapping] = []
+        super().__init__(kernel)
         self.tids: list[int] = [0] * nr_vcpus
         self.stopping = False
-        self._closed = False
         try:
-            k = kernel
-            self.kvm_fd = k.open(kvm_path, mman.O_RDWR | mman.O_CLOEXEC)
-            self.vm_fd = k.ioctl(self.kvm_fd, kvm.KVM_CREATE_VM, vm_type)
-            size = k.ioctl(self.kvm_fd, kvm.KVM_GET_VCPU_MMAP_SIZE, 0)
-            for i in range(nr_vcpus):
-                fd = k.ioctl(self.vm_fd, kvm.KVM_CREATE_VCPU, i)
-                self.vcpu_fds.append(fd)
-                self.runs.append(
-                    k.mmap(fd, size, mman.PROT_READ | mman.PROT_WRITE, mman.MAP_SHARED, 0)
-                )
+            self._create_vm(kvm_path, vm_type)
+            self._create_vcpus(nr_vcpus)
         except BaseException:
             self.close()
             raise
@@ -168,45 +144,13 @@ class DestVM:
                             continue
                     raise OSError(e.errno, f"KVM_RUN vCPU {vcpu}: {e.strerror}") from e
                 res.exits += 1
-                if self._handle(run, res):
+                answer_exit(decode_exit(run), run, res)  # the port protocol
+                if res.stop:
                     return res
             res.stop, res.error = "max_exits", f"no stop after {max_exits} exits"
             return res
         finally:
             run.release()
-
-    def _handle(self, run: memoryview, res: VcpuResult) -> bool:
-        reason = read_exit_reason(run)
-        if reason == kvm.KVM_EXIT_IO:
-            direction, size, port, count, data_offset = _IO.unpack_from(run, _OFF)
-            n = size * count
-            if direction == kvm.KVM_EXIT_IO_OUT:
-                data = bytes(run[data_offset : data_offset + n])
-                if port == ports.PORT_TEXT:
-                    res.serial += data
-                elif port == ports.PORT_REPORT:
-                    for i in range(count):
-                        res.reports.append(
-                            int.from_bytes(data[i * size : (i + 1) * size], "little")
-                        )
-                elif port == ports.PORT_DONE:
-                    res.done = data[0] if data else 0
-                    res.stop = "done"
-                    return True
-            else:
-                run[data_offset : data_offset + n] = bytes(n)
-            return False
-        if reason == kvm.KVM_EXIT_MMIO:
-            _, _, length, is_write = _MMIO.unpack_from(run, _OFF)
-            if not is_write:
-                run[_OFF + 8 : _OFF + 8 + length] = bytes(length)
-            return False
-        if reason == kvm.KVM_EXIT_HLT:
-            res.stop = "hlt"
-            return True
-        res.stop = "error"
-        res.error = f"unexpected exit {exit_name(reason)}"
-        return True
 
     def interrupt(self, thread_idents: dict[int, int]) -> None:
         """Ask every vCPU to leave KVM_RUN: immediate_exit, then a signal to its thread."""
@@ -220,21 +164,3 @@ class DestVM:
                 signal.pthread_kill(ident, _KICK_SIGNAL)
             except (ProcessLookupError, OSError):
                 pass
-
-    def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        k = self.kernel
-        for m in self.runs:
-            k.munmap(m.address, m.length)
-        self.runs.clear()
-        for fd in self.vcpu_fds:
-            k.close(fd)
-        self.vcpu_fds.clear()
-        if self.vm_fd >= 0:
-            k.close(self.vm_fd)
-            self.vm_fd = -1
-        if self.kvm_fd >= 0:
-            k.close(self.kvm_fd)
-            self.kvm_fd = -1

@@ -19,7 +19,9 @@ Requests are bounds-checked: a range outside guest memory is answered with
 ERROR (``EFAULT``) and the source keeps serving. The source runs until the
 destination says DONE (or BYE) or disconnects, then closes everything;
 :meth:`Source.close` shuts down cleanly at any time, :meth:`Source.kill` drops
-every connection with a reset (what a crashed source looks like).
+every connection with a reset (what a crashed source looks like). Once its
+threads have ended, the source releases the one view it took of the caller's
+memory (the caller may then close its ``mmap`` or resize its ``bytearray``).
 """
 
 from __future__ import annotations
@@ -127,12 +129,13 @@ class Source:
         demand_slice_ns: int = 0,
         demand_rt: bool = False,
     ) -> None:
-        mv = memoryview(memory)
-        self.memory = mv.cast("B") if mv.format != "B" or mv.ndim != 1 else mv
+        #: the one view of the caller's image this source holds (every page sent is a
+        #: slice of it, alive only while it is sent); released by :meth:`close`/:meth:`wait`
+        self.memory = _flat_view(memory)
         if self.memory.nbytes % page_size:
-            raise ValueError(
-                f"memory of {self.memory.nbytes} bytes is not whole {page_size} B pages"
-            )
+            nbytes = self.memory.nbytes
+            self.memory.release()  # the caller may close its image after the ValueError
+            raise ValueError(f"memory of {nbytes} bytes is not whole {page_size} B pages")
         self.page_size = page_size
         self.nr_pages = self.memory.nbytes // page_size
         self.vcpu_states = [list(s) for s in vcpu_states]
@@ -430,12 +433,14 @@ class Source:
         return True
 
     def _release(self) -> None:
+        """Let go of the image once every thread has ended: release :attr:`memory` (the
+        caller's mmap can then be closed, its bytearray resized) and close what
+        :meth:`from_image` opened."""
+        try:
+            self.memory.release()  # idempotent
+        except BufferError:  # someone took a buffer of ``memory`` itself and still holds it
+            pass
         owned, self._owned = self._owned, []
-        if owned:
-            try:
-                self.memory.release()
-            except BufferError:
-                pass
         for o in owned:
             try:
                 o.close()
@@ -443,7 +448,8 @@ class Source:
                 pass
 
     def close(self, timeout: float = 10.0) -> None:
-        """Stop serving (BYE to the destination if connected) and join every thread."""
+        """Stop serving (BYE to the destination if connected), join every thread and
+        release the memory view (not when a thread outlives ``timeout``)."""
         self._finish("closed")
         self._join(timeout)
 
@@ -465,6 +471,17 @@ class Source:
 
 
 _BYE = bytes(encode(Bye())[0])
+
+
+def _flat_view(memory: Any) -> memoryview:
+    """One flat unsigned-byte view of ``memory``; no other view of it is left behind."""
+    mv = memoryview(memory)
+    if mv.format == "B" and mv.ndim == 1:
+        return mv
+    try:
+        return mv.cast("B")  # a view of its own (not an export of ``mv``)
+    finally:
+        mv.release()
 
 
 def _error_frame(code: int, text: str) -> bytes:

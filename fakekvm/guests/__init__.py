@@ -8,6 +8,8 @@
 * :mod:`~fakekvm.guests.workloads` -- images of hello/toucher/writer/verifier/echo
   and Python mirrors of their results;
 * :mod:`~fakekvm.guests.vm` -- :class:`GuestVM`, the VMM; :class:`RunResult`;
+* :mod:`~fakekvm.guests.vmm` -- what every VMM here shares (``GuestVM``, post-copy's
+  ``DestVM``): answering port/MMIO exits, VM and vCPU set-up, one ``close``;
 * :mod:`~fakekvm.guests.compare` -- run one image on two kernels and compare.
 """
 

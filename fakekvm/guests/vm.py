@@ -26,6 +26,8 @@ the LWN "Using the KVM API" walk-through), and nothing kernel-specific:
    ==================  =============================================================
 
 Every exit is recorded, decoded (:mod:`fakekvm.guests.exits`), in order.
+The fds, the exit answers and the teardown are :mod:`fakekvm.guests.vmm`'s
+(shared with the post-copy destination's VMM).
 ``KVM_RUN`` failing with ``EINTR`` is re-entered; any other errno is raised
 as the kernel's ``OSError``.  A guest error raises :class:`GuestError`
 carrying the :class:`RunResult` (or, with ``check=False``, is returned in it).
@@ -34,41 +36,27 @@ carrying the :class:`RunResult` (or, with ``check=False``, is returned in it).
 from __future__ import annotations
 
 import errno
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from fakekvm.abi import kvm, mman, names
-from fakekvm.guests import ports
-from fakekvm.guests.exits import Exit, decode_exit, exit_name
+from fakekvm.abi import kvm, mman
+from fakekvm.guests.exits import Exit, decode_exit
 from fakekvm.guests.image import GuestImage
+from fakekvm.guests.vmm import IoInHandler, MmioReadHandler, PortResult, VmmBase, answer_exit
 from fakekvm.kernel.mapping import Mapping
 from fakekvm.kernel.seam import Kernel
 
-IoInHandler = Callable[[int, int, int], bytes]
-MmioReadHandler = Callable[[int, int], bytes]
-StopPredicate = Callable[[Exit], bool]
+__all__ = ["GuestError", "GuestVM", "IoInHandler", "MmioReadHandler", "RunResult", "StopPredicate"]
 
-_ERROR_EXITS = (
-    kvm.KVM_EXIT_SHUTDOWN,
-    kvm.KVM_EXIT_FAIL_ENTRY,
-    kvm.KVM_EXIT_INTERNAL_ERROR,
-    kvm.KVM_EXIT_UNKNOWN,
-)
+StopPredicate = Callable[[Exit], bool]
 
 
 @dataclass
-class RunResult:
-    """What one :meth:`GuestVM.run` saw."""
+class RunResult(PortResult):
+    """What one :meth:`GuestVM.run` saw (``stop`` may also be "until", "max_exits")."""
 
-    vcpu: int
     exits: list[Exit] = field(default_factory=list)
-    serial: bytearray = field(default_factory=bytearray)
-    reports: list[int] = field(default_factory=list)
-    done: int | None = None  # the exit code written to PORT_DONE
-    stop: str = ""  # "done", "hlt", "until", "error", "max_exits"
-    error: str | None = None
     regs: dict[str, int] = field(default_factory=dict)
     elapsed_ns: int = 0
     #: a copy of guest memory after the run, when the caller asked for one
@@ -77,10 +65,6 @@ class RunResult:
     @property
     def text(self) -> str:
         return self.serial.decode("latin-1")
-
-    def report64(self, index: int) -> int:
-        """The 64-bit value reported as ``reports[index]`` (low), ``[index+1]`` (high)."""
-        return ports.join64(self.reports[index], self.reports[index + 1])
 
 
 class GuestError(RuntimeError):
@@ -91,7 +75,7 @@ class GuestError(RuntimeError):
         self.result = result
 
 
-class GuestVM:
+class GuestVM(VmmBase):
     """A VM with ``mem_size`` bytes of memory at GPA 0 and ``vcpus`` vCPUs."""
 
     def __init__(
@@ -108,16 +92,10 @@ class GuestVM:
             raise ValueError(f"mem_size {mem_size:#x} must be a positive multiple of the page size")
         if memory is not None and memory.length < mem_size:
             raise ValueError(f"memory mapping ({memory.length:#x}) is smaller than mem_size")
-        self.kernel = kernel
+        super().__init__(kernel)
         self.mem_size = mem_size
-        self.kvm_fd = -1
-        self.vm_fd = -1
-        self.vcpu_fds: list[int] = []
-        self.runs: list[Mapping] = []
         self._own_memory = memory is None
         self.memory: Mapping | None = None
-        self._closed = False
-        self._lock = threading.Lock()
         try:
             self._setup(memory, vcpus, slot_flags, kvm_path)
         except BaseException:
@@ -126,9 +104,7 @@ class GuestVM:
 
     def _setup(self, memory: Mapping | None, vcpus: int, slot_flags: int, kvm_path: str) -> None:
         k = self.kernel
-        self.kvm_fd = k.open(kvm_path, mman.O_RDWR | mman.O_CLOEXEC)
-        self.vm_fd = k.ioctl(self.kvm_fd, kvm.KVM_CREATE_VM, kvm.KVM_X86_DEFAULT_VM)
-        self.run_size = k.ioctl(self.kvm_fd, kvm.KVM_GET_VCPU_MMAP_SIZE, 0)
+        self._create_vm(kvm_path, kvm.KVM_X86_DEFAULT_VM)
         if memory is None:
             memory = k.mmap(
                 -1,
@@ -138,12 +114,7 @@ class GuestVM:
             )
         self.memory = memory
         self.set_memslot(0, 0, self.mem_size, memory.address, slot_flags)
-        for i in range(vcpus):
-            fd = k.ioctl(self.vm_fd, kvm.KVM_CREATE_VCPU, i)
-            self.vcpu_fds.append(fd)
-            self.runs.append(
-                k.mmap(fd, self.run_size, mman.PROT_READ | mman.PROT_WRITE, mman.MAP_SHARED, 0)
-            )
+        self._create_vcpus(vcpus)
 
     # -- memory ----------------------------------------------------------------------
 
@@ -256,7 +227,7 @@ class GuestVM:
                     if e.errno == errno.EINTR:
                         continue
                     raise
-                ex = self._handle(decode_exit(run), run, result, on_io_in, on_mmio_read)
+                ex = answer_exit(decode_exit(run), run, result, on_io_in, on_mmio_read)
                 result.exits.append(ex)
                 if result.stop:
                     break
@@ -270,84 +241,13 @@ class GuestVM:
             raise GuestError(f"vCPU {vcpu}: {result.error}", result)
         return result
 
-    def _handle(
-        self,
-        ex: Exit,
-        run: memoryview,
-        result: RunResult,
-        on_io_in: IoInHandler | None,
-        on_mmio_read: MmioReadHandler | None,
-    ) -> Exit:
-        reason = ex.reason
-        if reason == kvm.KVM_EXIT_IO:
-            direction, size, port, count, data_offset = (
-                ex.field("direction"), ex.field("size"), ex.field("port"),
-                ex.field("count"), ex.field("data_offset"),
-            )  # fmt: skip
-            if direction == kvm.KVM_EXIT_IO_OUT:
-                if port == ports.PORT_TEXT:
-                    result.serial += ex.data
-                elif port == ports.PORT_REPORT:
-                    for i in range(count):
-                        result.reports.append(
-                            int.from_bytes(ex.data[i * size : (i + 1) * size], "little")
-                        )
-                elif port == ports.PORT_DONE:
-                    result.done = ex.data[0] if ex.data else 0
-                    result.stop = "done"
-                return ex
-            n = size * count
-            data = on_io_in(port, size, count) if on_io_in is not None else bytes(n)
-            if len(data) != n:
-                raise ValueError(f"on_io_in({port:#x}) returned {len(data)} bytes, want {n}")
-            run[data_offset : data_offset + n] = data
-            return Exit(reason, ex.fields, bytes(data))
-        if reason == kvm.KVM_EXIT_MMIO:
-            if ex.field("is_write"):
-                return ex
-            length = ex.field("len")
-            data = on_mmio_read(ex.field("phys_addr"), length) if on_mmio_read else bytes(length)
-            if len(data) != length:
-                raise ValueError(f"on_mmio_read returned {len(data)} bytes, want {length}")
-            off = kvm.KVM_RUN_EXIT_OFFSET + 8  # mmio.data
-            run[off : off + length] = data
-            return Exit(reason, ex.fields, bytes(data))
-        if reason == kvm.KVM_EXIT_HLT:
-            result.stop = "hlt"
-            return ex
-        result.stop = "error"
-        parts = [f"{k}={v}" for k, v in ex.fields]
-        if reason == kvm.KVM_EXIT_INTERNAL_ERROR:
-            parts[0] = names.describe("internal_error", ex.field("suberror"))
-        detail = f" ({', '.join(parts)})" if parts else ""
-        what = "unexpected exit" if reason not in _ERROR_EXITS else "guest stopped"
-        result.error = f"{what}: {exit_name(reason)}{detail}"
-        return ex
-
     # -- teardown --------------------------------------------------------------------
 
-    def close(self) -> None:
-        """Unmap and close everything this VM opened (not a caller's memory)."""
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-        k = self.kernel
-        for m in self.runs:
-            k.munmap(m.address, m.length)
-        self.runs.clear()
-        for fd in self.vcpu_fds:
-            k.close(fd)
-        self.vcpu_fds.clear()
-        if self.vm_fd >= 0:
-            k.close(self.vm_fd)
-            self.vm_fd = -1
+    def _close_memory(self) -> None:
+        """:meth:`close` unmaps the memory this VM mapped itself (not a caller's)."""
         if self.memory is not None and self._own_memory:
-            k.munmap(self.memory.address, self.memory.length)
+            self.kernel.munmap(self.memory.address, self.memory.length)
         self.memory = None
-        if self.kvm_fd >= 0:
-            k.close(self.kvm_fd)
-            self.kvm_fd = -1
 
     def __enter__(self) -> GuestVM:
         return self
