@@ -37,30 +37,31 @@ the previous IO IN / MMIO read exit; guest data written to a memfd/guest_memfd r
 length unless the trace has contents; ...), so matching is plain equality after address
 translation. ``monotonic_ns`` and ``gettid`` answer the recorded values while the trace has
 them, then the recorded clock / the live tid (running out of them is not a divergence).
+
+`ReplayKernel` is built in layers: `replay.serve_core.ServeCore` (the state, the matching
+path every call takes, waiting, divergence reports, the end of a run),
+`replay.serve_ioctls.ServeIoctls` (``ioctl``: ``KVM_RUN`` gates and the ``kvm_run`` page,
+fills and conversions answered by the model), and this module (files, memory, special
+files, ``poll``, time and identity).
 """
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 import struct
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
-from fakekvm.abi import kvm, mman, uffd
+from fakekvm.abi import mman
 from fakekvm.kernel.mapping import Mapping, make_mapping
-from fakekvm.kernel.real import RealKernel
-from fakekvm.kernel.seam import IoctlArg, Kernel
-from replay.events import Call, Event, Header
-from replay.match import AddressMap, Divergence, LiveCall, Matcher, creates_fd
-from replay.serve_model import FILLS, MODEL_UFFD_IOCTLS, ModelDivergence, ServeModel
-from replay.show import KVM_RUN_RECORDED, kvm_run_io_data
+from replay.match import Divergence
+from replay.serve_core import ReplayDivergence, created_kinds
+from replay.serve_ioctls import ServeIoctls
 
-_TEARDOWN = frozenset({"close", "munmap"})
-#: recorded calls a live run need not make: teardown, and clock reads (answered while there)
-_NOT_OWED = _TEARDOWN | {"monotonic_ns"}
+__all__ = ["POLLFD", "STAT", "ReplayDivergence", "ReplayKernel", "created_kinds"]
+
 _GUEST_DATA_KINDS = ("guest_memfd", "memfd")
 #: struct pollfd {int fd; short events; short revents;}, as the recorder packs it
 POLLFD = struct.Struct("<iHH")
@@ -68,53 +69,7 @@ POLLFD = struct.Struct("<iHH")
 STAT = struct.Struct("<10q")
 
 
-class ReplayDivergence(OSError):
-    """The engine made a call the trace does not have; ``str()`` is the decoded report."""
-
-    def __init__(self, divergence: Divergence) -> None:
-        super().__init__(errno.EPROTO, divergence.report())
-        self.divergence = divergence
-
-    def __str__(self) -> str:
-        return str(self.strerror)
-
-
-def _infer_kind(c: Call) -> str:
-    """The fd_kind of the fd a call creates, when the trace never uses that fd."""
-    if c.op == "open":
-        path = c.inp.decode("utf-8", "replace")
-        return {"/dev/kvm": "kvm", "/dev/userfaultfd": "dev-userfaultfd"}.get(path, "file")
-    if c.op in ("userfaultfd", "eventfd"):
-        return c.op
-    if c.op == "memfd_create":
-        return "memfd"
-    return {
-        "KVM_CREATE_VM": "kvm-vm",
-        "KVM_CREATE_GUEST_MEMFD": "guest_memfd",
-        "USERFAULTFD_IOC_NEW": "userfaultfd",
-        "KVM_CREATE_VCPU": f"kvm-vcpu:{c.iarg}",
-    }.get(c.name, "")
-
-
-def created_kinds(calls: Sequence[Call]) -> dict[int, str]:
-    """index of each fd-creating call -> the fd_kind the trace gives that fd later."""
-    out: dict[int, str] = {}
-    open_: dict[int, int] = {}  # fd -> index of the call that created it, kind unknown yet
-    for i, c in enumerate(calls):
-        if c.fd >= 0 and c.fd in open_ and c.fd_kind:
-            out[open_.pop(c.fd)] = c.fd_kind
-        if c.op == "close" and c.fd in open_:
-            open_.pop(c.fd)
-        if not c.errno and c.ret >= 0 and creates_fd(c.op, c.name):
-            if c.ret in open_:
-                out[open_[c.ret]] = _infer_kind(calls[open_[c.ret]])
-            open_[c.ret] = i
-    for fd_idx in open_.values():
-        out[fd_idx] = _infer_kind(calls[fd_idx])
-    return out
-
-
-class ReplayKernel(Kernel):
+class ReplayKernel(ServeIoctls):
     """Answers every `Kernel` call from ``events`` (see the module docstring).
 
     ``patience``: the longest a call waits for the live run to catch up with the recording
@@ -124,127 +79,12 @@ class ReplayKernel(Kernel):
 
     name = "replay"
 
-    def __init__(
-        self, header: Header, events: Iterable[Event], *, window: int = 64, patience: float = 30.0
-    ) -> None:
-        self.header = header
-        calls = [e for e in events if isinstance(e, Call)]
-        self.model = ServeModel(calls, page_size=header.host.page_size or 4096)
-        self.matcher = Matcher(self.model.ordered, window=window)
-        self.patience = patience
-        self._kind_of_created = created_kinds(calls)
-        self._index = {id(c): i for i, c in enumerate(calls)}
-        self.kinds: dict[int, str] = {}  #: live fd -> fd_kind
-        self._runs: dict[int, Mapping] = {}  #: vCPU fd -> its kvm_run mapping
-        #: vCPU fd -> (offset, length) in kvm_run of the data the VMM answers the last exit with
-        self._answer: dict[int, tuple[int, int]] = {}
-        self._maps: dict[int, int] = {}  #: live address -> length (what we mapped)
-        self._memfds: dict[int, int] = {}  #: recorded memfd/guest_memfd -> a real memfd
-        self._lock = threading.Lock()
-        self._cond = threading.Condition(self._lock)
-        self._real = RealKernel()
-        self._now = calls[0].t_ns if calls else 0
-        self.divergence: ReplayDivergence | None = None
-        self._closed = False
-        self._main_thread = -1  #: native id of the live thread that made the first call
-        self._extra: set[int] = set()  #: live addresses of workers' unrecorded buffers
-        #: set at the first divergence (for a watcher: the engine may swallow the error)
-        self.diverged = threading.Event()
-
     @classmethod
     def from_file(cls, path: str, **kw: Any) -> ReplayKernel:
         from replay.format import open_trace
 
         with open_trace(path) as reader:  # the calls are all read in (serve is not streamed)
             return cls(reader.header, reader, **kw)
-
-    @property
-    def addresses(self) -> AddressMap:
-        return self.matcher.addresses
-
-    # -- the one path every ordered call takes ------------------------------------------------
-    def _live(self, op: str, fd: int = -1, **kw: Any) -> LiveCall:
-        kind = self.kinds.get(fd, "") if fd >= 0 else ""
-        me = threading.get_native_id()
-        if self._main_thread < 0:
-            self._main_thread = me  # the thread of the first call: setup and teardown
-        return LiveCall(op=op, fd=fd, fd_kind=kind, tid=me, **kw)
-
-    def _diverge(self, d: Divergence) -> ReplayDivergence:
-        """The error to raise for ``d`` (the first one is kept); call with the lock held."""
-        err = ReplayDivergence(d)
-        if self.divergence is None:
-            self.divergence = err
-            self.diverged.set()
-            self._cond.notify_all()
-        return err
-
-    def _model_divergence(self, e: ModelDivergence, live: LiveCall) -> ReplayDivergence:
-        return self._diverge(Divergence(e.reason, live, e.expected, self.matcher._recent))
-
-    def _match(self, op: str, fd: int = -1, *, lenient: bool = False, **kw: Any) -> Call | None:
-        live = self._live(op, fd, **kw)
-        with self._lock:
-            try:
-                rec = self.matcher.match(live)
-            except Divergence as d:
-                if lenient:
-                    return None
-                if self.divergence is not None and op in _TEARDOWN:
-                    # after a divergence, let the engine release what it holds
-                    return Call(seq=-1, tid=live.tid, t_ns=self._now, dur_ns=0, op=op, fd=fd)
-                raise self._diverge(d) from None
-            self._matched(rec)
-        return rec
-
-    def _matched(self, rec: Call) -> None:
-        """Bookkeeping after ``rec`` answered a live call (lock held)."""
-        self._now = max(self._now, rec.t_ns + rec.dur_ns)
-        if not rec.errno and rec.ret >= 0 and creates_fd(rec.op, rec.name):
-            idx = self._index[id(rec)]
-            self.kinds[rec.ret] = self._kind_of_created.get(idx, "")
-            if rec.op == "eventfd":
-                self.model.eventfd_created(rec.ret, rec.iarg or 0)
-        elif rec.name == "KVM_CREATE_DEVICE" and not rec.errno and len(rec.out) >= 8:
-            self.kinds[struct.unpack_from("<I", rec.out, 4)[0]] = "kvm-device"
-        elif rec.name in ("UFFDIO_REGISTER", "UFFDIO_UNREGISTER") and not rec.errno:
-            start, length = struct.unpack_from("<QQ", rec.inp)
-            if rec.name == "UFFDIO_REGISTER":
-                self.model.registered(rec.fd, start, length)
-            else:
-                self.model.unregistered(rec.fd, start, length)
-        self._cond.notify_all()
-
-    @staticmethod
-    def _raise(rec: Call) -> None:
-        if rec.errno:
-            raise OSError(rec.errno, f"{rec.name or rec.op}: {os.strerror(rec.errno)} (replayed)")
-
-    def _call(self, op: str, fd: int = -1, **kw: Any) -> Call:
-        rec = self._match(op, fd, **kw)
-        assert rec is not None
-        self._raise(rec)
-        return rec
-
-    def _out(self, rec: Call) -> bytes:
-        return self.addresses.bytes_a_to_b(rec.out) if rec.out else b""
-
-    def _wait(self, ready: Callable[[], bool], timeout: float | None = None) -> bool:
-        """Wait (lock held) until ``ready()``; False on timeout. Raises after a divergence."""
-        t = self.patience if timeout is None else timeout
-        ok = self._cond.wait_for(lambda: self.divergence is not None or self._closed or ready(), t)
-        if self.divergence is not None:
-            raise OSError(errno.EPROTO, "replay stopped: the run diverged from the trace")
-        if self._closed:
-            raise OSError(errno.EBADF, "replay stopped: the ReplayKernel was shut down")
-        return ok
-
-    def _stuck(self, live: LiveCall, why: str, expected: Call | None = None) -> ReplayDivergence:
-        return self._diverge(
-            Divergence(
-                f"stuck for {self.patience:g} s: {why}", live, expected, self.matcher._recent
-            )
-        )
 
     # -- files ----------------------------------------------------------------------------
     def open(self, path: str, flags: int, mode: int = 0o600) -> int:
@@ -259,143 +99,6 @@ class ReplayKernel(Kernel):
         real = self._memfds.pop(fd, None)
         if real is not None:
             os.close(real)
-
-    def ioctl(self, fd: int, request: int, arg: IoctlArg = 0) -> int:
-        from fakekvm.abi import names
-
-        name = names.ioctl_name(request)
-        if isinstance(arg, int):
-            inp = b""
-            run = self._runs.get(fd) if request == kvm.KVM_RUN else None
-            if run is not None:
-                ans = self._answer.pop(fd, None)
-                if ans is not None:
-                    inp = bytes(run.view()[ans[0] : ans[0] + ans[1]])
-            rec = self._match("ioctl", fd, request=request, name=name, iarg=arg, inp=inp)
-            assert rec is not None
-            if request == kvm.KVM_RUN:
-                self._run_gate(fd, rec)
-            if run is not None and rec.out:
-                self._write_run(fd, run, rec.out)
-            self._raise(rec)
-            return rec.ret
-        buf = memoryview(arg).cast("B")  # type: ignore[arg-type]
-        kind = self.kinds.get(fd, "")
-        if kind == "userfaultfd" and request in MODEL_UFFD_IOCTLS:
-            return self._fill(fd, request, name, buf)
-        if request == kvm.KVM_SET_MEMORY_ATTRIBUTES:
-            rec = self._match("ioctl", fd, lenient=True, request=request, name=name, inp=bytes(buf))
-            if rec is None:
-                return self._set_attributes(fd, request, name, buf)
-        else:
-            rec = self._match("ioctl", fd, request=request, name=name, inp=bytes(buf))
-        assert rec is not None
-        out = self._out(rec)
-        if out:
-            n = min(len(out), len(buf))
-            buf[:n] = out[:n]
-        self._raise(rec)
-        return rec.ret
-
-    # -- KVM_RUN ------------------------------------------------------------------------------
-    def _run_gate(self, fd: int, rec: Call) -> None:
-        """Hold a KVM_RUN until the pages its recorded faults waited for are filled."""
-        kind = self.kinds.get(fd, "")
-        if not kind.startswith("kvm-vcpu:"):
-            return
-        vcpu = int(kind.split(":", 1)[1])
-        model = self.model
-        with self._lock:
-            index = model.run_entered(vcpu, threading.get_native_id())
-            self._cond.notify_all()
-            if not model.run_gates.get((vcpu, index)):
-                return
-            if not self._wait(lambda: not model.run_waits_for(vcpu, index)):
-                left = model.run_waits_for(vcpu, index)
-                raise self._stuck(
-                    self._live("ioctl", fd, request=kvm.KVM_RUN, name="KVM_RUN", iarg=0),
-                    f"vCPU {vcpu}'s KVM_RUN #{rec.seq} returned in the recording once page(s) "
-                    f"{', '.join(hex(self.addresses.word_a_to_b(a)) for a in left[:3])} were "
-                    "filled; the live run never filled them",
-                    rec,
-                )
-
-    def _write_run(self, fd: int, m: Mapping, out: bytes) -> None:
-        """Put the recorded kvm_run bytes (head, then IO data if any) in the live page."""
-        view = m.view()
-        if len(out) < kvm.KVM_RUN_EXIT_OFFSET:
-            view[: len(out)] = out
-            return
-        reason = kvm.kvm_run_exit_reason_fmt.unpack_from(out, kvm.KVM_RUN_EXIT_REASON_OFFSET)[0]
-        data = kvm_run_io_data(out) if reason == kvm.KVM_EXIT_IO else None
-        head = out[: KVM_RUN_RECORDED if data is not None else len(out)][: len(view)]
-        view[: len(head)] = head
-        if reason == kvm.KVM_EXIT_IO:
-            direction, size, _port, count, off = kvm.kvm_run_io_fmt.unpack_from(
-                out, kvm.KVM_RUN_EXIT_OFFSET
-            )
-            n = size * count
-            if data is not None and off + len(data) <= len(view):
-                view[off : off + len(data)] = data
-            if direction == kvm.KVM_EXIT_IO_IN and n and off + n <= len(view):
-                self._answer[fd] = (off, n)
-        elif reason == kvm.KVM_EXIT_MMIO and len(out) > 52 and out[52] == 0:
-            self._answer[fd] = (kvm.KVM_RUN_EXIT_OFFSET + 8, 8)  # mmio.data of a read
-
-    # -- the model's ioctls ------------------------------------------------------------------
-    def _fill(self, fd: int, request: int, name: str, buf: memoryview) -> int:
-        """A fill or wake on a userfaultfd, answered by the model (with its memory effect)."""
-        live_inp = bytes(buf)
-        live = self._live("ioctl", fd, request=request, name=name, inp=live_inp)
-        am = self.addresses
-        with self._lock:
-            if self.divergence is not None:
-                raise OSError(errno.EPROTO, "replay stopped: the run diverged from the trace")
-            if request == uffd.UFFDIO_WAKE:
-                err = self.model.wake(fd, am.bytes_b_to_a(live_inp))
-                if err:
-                    raise OSError(err, f"{name}: {os.strerror(err)} (served)")
-                return 0
-            kind = FILLS[request]
-            vals = list(kind.fmt.unpack_from(live_inp))
-            dst, length = vals[0], vals[kind.len_i]
-            src = vals[1] if request == uffd.UFFDIO_COPY else 0
-            if request == uffd.UFFDIO_COPY and not self._ours(src, length):
-                vals[kind.prog_i] = -errno.EFAULT
-                kind.fmt.pack_into(buf, 0, *vals)
-                raise OSError(errno.EFAULT, f"{name}: src {src:#x} is not mapped (served)")
-            rec_inp = bytearray(live_inp)
-            struct.pack_into("<Q", rec_inp, 0, am.word_b_to_a(dst))
-            try:
-                ans = self.model.fill(fd, request, bytes(rec_inp))
-            except ModelDivergence as e:
-                raise self._model_divergence(e, live) from None
-            if ans.done and self._ours(dst, ans.done):
-                if request == uffd.UFFDIO_COPY:
-                    ctypes.memmove(dst, src, ans.done)
-                elif request == uffd.UFFDIO_ZEROPAGE:
-                    ctypes.memset(dst, 0, ans.done)
-            self._cond.notify_all()
-        vals[kind.prog_i] = ans.result
-        kind.fmt.pack_into(buf, 0, *vals)
-        if ans.errno:
-            raise OSError(ans.errno, f"{name}: {os.strerror(ans.errno)} (served)")
-        return 0
-
-    def _ours(self, address: int, length: int) -> bool:
-        """Is ``[address, address+length)`` inside one mapping this kernel made?"""
-        return any(a <= address and address + length <= a + n for a, n in self._maps.items())
-
-    def _set_attributes(self, fd: int, request: int, name: str, buf: memoryview) -> int:
-        live = self._live("ioctl", fd, request=request, name=name, inp=bytes(buf))
-        with self._lock:
-            try:
-                err = self.model.set_attributes(bytes(buf))
-            except ModelDivergence as e:
-                raise self._model_divergence(e, live) from None
-        if err:
-            raise OSError(err, f"{name}: {os.strerror(err)} (served)")
-        return 0
 
     def _guest_data(self, fd: int) -> bool:
         return not self.header.with_contents and self.kinds.get(fd, "") in _GUEST_DATA_KINDS
@@ -625,37 +328,3 @@ class ReplayKernel(Kernel):
         with self._lock:
             t = self.model.gettid(me)
         return me if t is None else t
-
-    def pending(self) -> list[Call]:
-        """Recorded ordered calls the live run has not made (yet)."""
-        with self._lock:
-            return self.matcher.pending()
-
-    def unfinished(self) -> list[str]:
-        """What the live run left undone: ordered calls not made (teardown aside), the
-        model's coverage, undelivered messages, final attributes (empty: nothing)."""
-        with self._lock:
-            left = [c for c in self.matcher.pending() if c.op not in _NOT_OWED]
-            out = self.model.finish()
-        if left:
-            from replay.show import format_call
-
-            out.insert(
-                0,
-                f"{len(left)} recorded call(s) not made; the first: #{left[0].seq} "
-                f"[{left[0].tid}] {format_call(left[0])}",
-            )
-        return out
-
-    def shutdown(self) -> None:
-        """Release the live memory; a call still waiting for the trace fails (EBADF)."""
-        with self._lock:
-            self._closed = True
-            maps, self._maps = self._maps, {}
-            self._runs.clear()
-            memfds, self._memfds = self._memfds, {}
-            self._cond.notify_all()
-        for address, length in maps.items():
-            self._real.munmap(address, length)
-        for real in memfds.values():
-            os.close(real)

@@ -122,7 +122,7 @@ def run_show(args: argparse.Namespace) -> int:
         events: Iterator[Any] = t.events()
         kpath = args.trace + ".kevents"
         if os.path.exists(kpath) and not args.faults_only:  # capture --kvm-trace
-            from replay.tracefs import load_kevents, merge
+            from replay.tracefs_merge import load_kevents, merge
 
             events = merge(events, load_kevents(kpath))
         for line in show_lines(t.header, events, flt):
