@@ -22,9 +22,9 @@ from typing import Any
 import msgspec
 
 #: bump when a reader of the previous version cannot read the new files
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 #: the oldest reader version that can still read what this version writes
-COMPAT_VERSION = 1
+COMPAT_VERSION = 2
 
 
 class HostInfo(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=False):
@@ -57,7 +57,9 @@ class Header(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=False):
     extra: dict[str, object] = msgspec.field(default_factory=dict)
 
 
-class Call(msgspec.Struct, tag="call", omit_defaults=True, forbid_unknown_fields=False):
+class Call(
+    msgspec.Struct, tag="call", omit_defaults=True, forbid_unknown_fields=False, gc=False
+):
     """One call through the `Kernel` seam."""
 
     seq: int  #: 0, 1, 2, ... over the whole trace (calls and faults share nothing else)
@@ -78,7 +80,9 @@ class Call(msgspec.Struct, tag="call", omit_defaults=True, forbid_unknown_fields
     errno: int = 0  #: 0 on success
 
 
-class Fault(msgspec.Struct, tag="fault", omit_defaults=True, forbid_unknown_fields=False):
+class Fault(
+    msgspec.Struct, tag="fault", omit_defaults=True, forbid_unknown_fields=False, gc=False
+):
     """One access that waited for the engine."""
 
     seq: int  #: position in the trace (the seq of the call that revealed it, or the next one)
@@ -93,7 +97,9 @@ class Fault(msgspec.Struct, tag="fault", omit_defaults=True, forbid_unknown_fiel
     how: str = ""  #: "copy", "continue", "zeropage", "wake", "eexist", "rerun", "convert", ...
 
 
-class Contents(msgspec.Struct, tag="contents", omit_defaults=True, forbid_unknown_fields=False):
+class Contents(
+    msgspec.Struct, tag="contents", omit_defaults=True, forbid_unknown_fields=False, gc=False
+):
     """Guest memory bytes, only with ``--with-contents``."""
 
     seq: int

@@ -224,6 +224,7 @@ def _image_source(
 
     from postcopy.source import Source
     from postcopy.workingset import order_pages
+    from replay.columns import to_list
     from replay.format import open_trace
 
     try:
@@ -231,7 +232,8 @@ def _image_source(
         if trace is not None:  # postcopy.workingset.fault_pages, from columns (no structs)
             with open_trace(trace) as r:
                 triples = [t for c in r.fault_columns()
-                           for t in zip(c["observed_ns"], c["seq"], c["gpa"], strict=True)]  # fmt: skip
+                           for t in zip(*map(to_list, (c["observed_ns"], c["seq"], c["gpa"])),
+                                        strict=True)]  # fmt: skip
             order = order_pages(triples, page)
             del triples
         image = mmap.mmap(-1, nr * page)

@@ -277,7 +277,8 @@ def test_replay_cli_workload_routes_a_synthetic_trace_to_the_engine(tmp_path: Pa
 
 _FIGURE_ROWS = [
     "events", "faults", "file bytes", "bytes per event (whole file)", "bytes per fault event",
-    "decode, full (events/s)", "decode, faults only (faults/s)",
+    "decode, columns (events/s)", "decode, into structs (events/s)",
+    "decode, faults only (faults/s)",
     "decode, fault columns (faults/s)", "replay: touches", "replay: faults replayed/s",
     "replay: read trace (s)", "replay: setup (s)", "replay: migration (s)",
     "replay:   touches (s)", "replay:   push (s)",
