@@ -20,9 +20,12 @@ import json
 import os
 import sys
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from replay.events import Event, Header
+
+if TYPE_CHECKING:
+    from replay.codec import ChunkColumns
 
 
 def add_parser(sub: Any) -> None:
@@ -82,6 +85,12 @@ class _Opened:
             sys.stdout.flush()
             print(f"{self.path}: {self.reader.stopped_at}", file=sys.stderr)
 
+    def columns(self) -> Iterator[ChunkColumns]:
+        yield from self.reader.columns()
+        if self.reader.stopped_at:
+            sys.stdout.flush()
+            print(f"{self.path}: {self.reader.stopped_at}", file=sys.stderr)
+
     def close(self) -> None:
         self.reader.close()
 
@@ -134,11 +143,11 @@ def run_show(args: argparse.Namespace) -> int:
 
 @guarded
 def run_stats(args: argparse.Namespace) -> int:
-    from replay.stats import compute_stats, format_stats
+    from replay.stats import compute_stats_columns, format_stats
 
     t = _Opened(args.trace)
     try:
-        st = compute_stats(t.header, t.events())
+        st = compute_stats_columns(t.header, t.columns())
     finally:
         t.close()
     if args.json:

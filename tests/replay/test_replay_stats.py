@@ -6,6 +6,7 @@ import json
 import os
 from array import array
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -156,3 +157,43 @@ def test_cli_show_stats_json_and_plot(
     assert main(["trace", "plot", path, "-o", str(png)]) == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert f"{engine_faults} faults" in capsys.readouterr().out
+
+
+def _shipped() -> list[Path]:
+    return sorted((Path(__file__).resolve().parents[2] / "traces").glob("*.trace"))
+
+
+@pytest.mark.parametrize("path", _shipped(), ids=lambda p: p.name)
+def test_stats_from_columns_equal_stats_from_events_on_shipped_traces(path: Path) -> None:
+    """``trace stats`` computes from columns; every figure must be what one pass over the
+    events gives (counts, histogram, percentiles, blocked time, per-call totals)."""
+    from replay.stats import compute_stats_columns
+
+    with open_trace(path) as r:
+        by_events = compute_stats(r.header, iter(r)).as_dict()
+        by_columns = compute_stats_columns(r.header, r.columns()).as_dict()
+    assert by_columns == by_events
+    assert by_events["calls"] > 0
+
+
+def test_stats_from_columns_count_errors_unresolved_and_sub_microsecond_faults(tmp_path: Path) -> None:
+    from replay.format import TraceWriter
+    from replay.stats import compute_stats_columns
+
+    evs: list[Any] = []
+    for i in range(300):
+        evs.append(Call(2 * i, 5, 1000 * i, 7 + i % 5, "ioctl", name="UFFDIO_COPY" if i % 3 else "",
+                        errno=11 if i % 7 == 0 else 0))  # fmt: skip
+        lat = (0, 500, 1999, 2000, 10**6, 10**12)[i % 6]
+        evs.append(Fault(2 * i + 1, 9, vcpu=i % 3 - 1, gpa=4096 * i, observed_ns=10**6 + 1000 * i,
+                         resolved_ns=0 if i % 11 == 0 else 10**6 + 1000 * i + lat,
+                         access=("read", "")[i % 2], how="copy"))  # fmt: skip
+    p = tmp_path / "s.trace"
+    with TraceWriter(p, Header(mechanism="uffd-missing"), chunk_events=128) as w:
+        w.extend(evs)
+    with open_trace(p) as r:
+        a = compute_stats(r.header, iter(r)).as_dict()
+        b = compute_stats_columns(r.header, r.columns()).as_dict()
+    assert a == b
+    assert a["unresolved-faults"] == 28 and a["calls-per-name"]["ioctl"]["errors"] > 0
+    assert a["latency-dist"][0] > 0 and a["latency-dist"][-1] > 0
