@@ -419,7 +419,7 @@ def test_in_situ_timing_counts_the_fault_path_calls_of_a_real_migration() -> Non
 
     cls = R.RecordingKernel
     for control in (True, False):
-        r = B.insitu("16M", "random", seed=5, control=control)
+        r = B.insitu("64M", "random", seed=5, control=control)  # 64M: faults certain
         assert R.RecordingKernel is cls and not R._ACTIVE
         assert r.faults > 0 and r.p50_us > 0
         assert r.ops["read"][0] >= 1 and r.ops["poll"][0] >= 1
