@@ -220,6 +220,18 @@ class TraceWriter:
             os.replace(self.tmp_path, self.path)
             self.closed = True
 
+    def discard(self) -> None:
+        """Give the trace up: close and remove ``PATH.incomplete`` (nothing is renamed)."""
+        with self._lock:
+            if self.closed:
+                return
+            self.closed = True
+            self._f.close()
+            try:
+                os.unlink(self.tmp_path)
+            except FileNotFoundError:
+                pass
+
     def _recompress(self) -> None:
         """Rewrite the sealed ``PATH.incomplete`` with every zlib chunk at `ZLIB_LEVEL`
         (frames and checksums remade; head, header and end chunk copied), then swap it in."""
@@ -344,6 +356,9 @@ class TraceReader:
             raise TraceError(
                 f"{self.path}: undecodable header at byte {_HEAD.size}: {e}", _HEAD.size
             ) from None
+        # the file head's versions are the file's: the header leaves out a field at its
+        # default, and the default is this reader's version, not the writer's
+        header.format_version, header.compat_version = fmt, compat
         return header, _HEAD.size + hlen
 
     # -- iteration ---------------------------------------------------------------------------

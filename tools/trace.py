@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 
 
 def add_parser(sub: Any) -> None:
-    p = sub.add_parser("trace", help="inspect recorded traces: show, stats, diff, plot")
+    p = sub.add_parser("trace", help="inspect recorded traces: show, stats, diff, plot, upgrade")
     tsub = p.add_subparsers(dest="trace_command", metavar="ACTION")
     tsub.required = True
 
@@ -61,6 +61,11 @@ def add_parser(sub: Any) -> None:
     d.add_argument("--out", action="store_true",
                    help="also compare the bytes the kernel wrote back (KVM_RUN exits, ...)")  # fmt: skip
     d.set_defaults(handler=run_diff)
+
+    u = tsub.add_parser("upgrade", help="rewrite traces in the current format version")
+    u.add_argument("traces", nargs="+", metavar="TRACE")
+    u.add_argument("-o", "--output", help="where to write (one TRACE only; default: in place)")
+    u.set_defaults(handler=run_upgrade)
 
     pl = tsub.add_parser("plot", help="fault timeline and latency CDF as a PNG (matplotlib)")
     pl.add_argument("trace")
@@ -198,3 +203,27 @@ def run_plot(args: argparse.Namespace) -> int:
         t.close()
     print(f"{args.output}: {n} faults")
     return 0
+
+
+@guarded
+def run_upgrade(args: argparse.Namespace) -> int:
+    from replay.upgrade import upgrade
+
+    if args.output and len(args.traces) > 1:
+        print("fakekvm trace upgrade: -o takes one TRACE", file=sys.stderr)
+        return 2
+    status = 0
+    for path in args.traces:
+        try:
+            u = upgrade(path, args.output)
+        except ValueError as e:  # a cut-off recording (TraceError is a ValueError: re-raised)
+            from replay.format import TraceError
+
+            if isinstance(e, TraceError):
+                raise
+            print(f"fakekvm trace upgrade: {e}", file=sys.stderr)
+            status = 1
+            continue
+        print(f"{u.path}: format {u.old_version} -> current, {u.events} events, "
+              f"{u.old_bytes} -> {u.new_bytes} bytes")  # fmt: skip
+    return status

@@ -27,6 +27,8 @@ from replay.format import TraceWriter, open_trace
 U64 = (1 << 64) - 1
 I64_MIN = -(1 << 63)
 TRACES = sorted((Path(__file__).resolve().parents[2] / "traces").glob("*.trace"))
+#: version-1 traces kept as they were shipped before format 2
+V1_TRACES = sorted((Path(__file__).resolve().parent / "data" / "v1").glob("*.trace"))
 
 ints64 = st.integers(min_value=I64_MIN, max_value=U64)
 scalars = st.one_of(ints64, st.none(), st.booleans(), st.binary(max_size=8), st.text(max_size=4))
@@ -146,7 +148,7 @@ def test_column_decode_says_what_the_struct_decode_says() -> None:
     assert _as_rows(cols) == decode_chunk(payload) == evs
 
 
-@pytest.mark.parametrize("path", TRACES, ids=[p.name for p in TRACES])
+@pytest.mark.parametrize("path", TRACES + V1_TRACES, ids=[p.name for p in TRACES + V1_TRACES])
 def test_shipped_traces_read_column_wise_and_upgrade_to_the_current_version(
     path: Path, tmp_path: Path
 ) -> None:
@@ -167,6 +169,13 @@ def test_shipped_traces_read_column_wise_and_upgrade_to_the_current_version(
     assert new.stat().st_size <= path.stat().st_size * 1.02 + 64
 
 
+def test_the_version_1_fixtures_are_version_1() -> None:
+    assert len(V1_TRACES) == 2
+    for p in V1_TRACES:
+        with open_trace(p, strict=True) as r:
+            assert (r.header.format_version, r.header.compat_version) == (1, 1)
+
+
 def test_a_version_1_reader_is_told_it_cannot_read_what_we_write(tmp_path: Path) -> None:
     """What we write uses column tags a version-1 reader does not know; the header says so."""
     p = tmp_path / "t.trace"
@@ -175,3 +184,30 @@ def test_a_version_1_reader_is_told_it_cannot_read_what_we_write(tmp_path: Path)
     raw = p.read_bytes()
     assert raw[8:12] == FORMAT_VERSION.to_bytes(2, "little") + COMPAT_VERSION.to_bytes(2, "little")
     assert COMPAT_VERSION >= 2
+
+
+def test_trace_upgrade_rewrites_a_version_1_trace_in_place(tmp_path: Path) -> None:
+    """``fakekvm trace upgrade``: the same header (but its versions) and the same events, in
+    the current version, smaller; a cut-off recording is refused and left alone."""
+    import shutil
+
+    from tools.cli import main
+
+    v1 = next(p for p in V1_TRACES if "real-uffd-missing-1vcpu-random" in p.name)
+    path = tmp_path / v1.name
+    shutil.copy(v1, path)
+    with open_trace(path) as r:
+        before_header, before = r.header, list(r)
+    assert before_header.format_version == 1
+    assert main(["trace", "upgrade", str(path)]) == 0
+    with open_trace(path, strict=True) as r:
+        assert r.header.format_version == FORMAT_VERSION
+        assert msgspec.structs.replace(r.header, format_version=1, compat_version=1) == before_header
+        assert list(r) == before
+    assert path.stat().st_size < v1.stat().st_size
+    assert not list(tmp_path.glob("*.upgrading*"))
+    cut = tmp_path / "cut.trace.incomplete"
+    cut.write_bytes(v1.read_bytes()[: v1.stat().st_size - 30])
+    assert main(["trace", "upgrade", str(tmp_path / "cut.trace")]) == 1
+    assert cut.read_bytes() == v1.read_bytes()[: v1.stat().st_size - 30]
+    assert not list(tmp_path.glob("*.upgrading*"))

@@ -24,10 +24,10 @@ import pytest
 from replay.events import COMPAT_VERSION, FORMAT_VERSION, Call, Contents, Event, Fault, Header
 from replay.format import (
     MAGIC,
-    compress_payload,
     TraceError,
     TraceReader,
     TraceWriter,
+    compress_payload,
     decode_chunk,
     encode_chunk,
     open_trace,
@@ -538,12 +538,12 @@ def test_plane_blocks_make_random_faults_smaller_and_read_back_with_plain_zlib()
     faults = []
     for i in range(2000):
         t += rnd.randint(200_000, 3_000_000)
-        faults.append(
-            Fault(seq=7 * i + rnd.randint(0, 5), tid=900, vcpu=0, gpa=rnd.randrange(1 << 17) << 12,
-                  hva=(1 << 46) + (rnd.randrange(1 << 17) << 12), access="read",
-                  mechanism="uffd-missing", observed_ns=t,
-                  resolved_ns=t + int(rnd.lognormvariate(12.5, 0.8)), how="copy")  # fmt: skip
-        )
+        gpa = rnd.randrange(1 << 17) << 12
+        lat = int(rnd.lognormvariate(12.5, 0.8))
+        f = Fault(seq=7 * i + rnd.randint(0, 5), tid=900, vcpu=0, gpa=gpa, hva=(1 << 46) + gpa,
+                  access="read", mechanism="uffd-missing", observed_ns=t, resolved_ns=t + lat,
+                  how="copy")  # fmt: skip
+        faults.append(f)
     raw = encode_chunk(faults)
     z = compress_payload(raw, 6)
     assert zlib.decompress(z) == raw
