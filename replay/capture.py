@@ -10,8 +10,10 @@ Every kernel the command makes through `postcopy.migrate.make_kernel` is then wr
 Privilege: capture needs exactly what the command needs (``/dev/kvm`` access for
 ``--kernel real``, and userfaultfd: root, ``vm.unprivileged_userfaultfd=1`` or access to
 ``/dev/userfaultfd``); it adds nothing but the right to write ``FILE``. With ``--kvm-trace`` it
-also reads the kvm tracepoints from a private tracefs instance into ``FILE.kevents``, which needs
-root (tracefs is 0700 root:root here); ``fakekvm trace show`` interleaves them by time.
+also reads the kvm tracepoints from a private tracefs instance, which needs root (tracefs is
+0700 root:root here), and appends them to ``FILE`` after its end chunk (`replay.kevents`;
+into the side file ``FILE.kevents`` instead when ``FILE`` was not closed whole);
+``fakekvm trace show`` interleaves them by time.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from replay.events import Call, Contents, Fault
+from replay.events import Call, Contents, Fault, KernelEvent
 from replay.format import INCOMPLETE, TraceError, open_trace
 
 __all__ = ["CaptureResult", "TraceSummary", "capture", "summarize"]
@@ -65,7 +67,10 @@ class TraceSummary:
 class CaptureResult:
     returncode: int
     traces: list[TraceSummary] = field(default_factory=list)
-    #: with ``kvm_trace``: kernel tracepoint hits saved to ``FILE.kevents``, and the events
+    #: with ``kvm_trace``: where the kernel tracepoint hits went (``FILE``, or the side file
+    #: ``FILE.kevents`` when ``FILE`` is not a closed trace)
+    kevents_path: str = ""
+    #: with ``kvm_trace``: kernel tracepoint hits saved, and the events
     #: this kernel does not have (name -> why)
     kevents: int | None = None
     kevents_skipped: dict[str, str] = field(default_factory=dict)
@@ -106,14 +111,14 @@ def capture(
     threads and children, written to ``output.kevents`` (needs root: see `tracefs_status`).
     """
     if kvm_trace:
-        from replay.tracefs import TracefsSession, save_kevents, tracefs_status
+        from replay.tracefs import TracefsSession, tracefs_status
 
         ok, why = tracefs_status()
         if not ok:
             raise OSError(f"capture --kvm-trace: {why}")
         with TracefsSession() as session:
             result = capture(output, command, with_contents=with_contents)
-        save_kevents(os.path.abspath(output) + KEVENTS, session.events)
+        result.kevents_path = _keep_kevents(os.path.abspath(output), session.events)
         result.kevents = len(session.events)
         result.kevents_skipped = dict(session.skipped)
         return result
@@ -161,3 +166,19 @@ def _run_in_process(argv: list[str], env: dict[str, str]) -> int:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def _keep_kevents(output: str, kevents: Sequence[KernelEvent]) -> str:
+    """Append ``kevents`` to the closed trace ``output``; else (no closed trace: the command
+    failed, or was cut off) write them to ``output.kevents``. Returns where they went."""
+    from replay.kevents import append_kevents
+    from replay.tracefs_merge import save_kevents
+
+    if os.path.exists(output):
+        try:
+            append_kevents(output, kevents)
+            return output
+        except (ValueError, OSError):  # (TraceError is a ValueError) not a closed trace
+            pass
+    save_kevents(output + KEVENTS, kevents)
+    return output + KEVENTS

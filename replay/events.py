@@ -113,8 +113,9 @@ Event = Call | Fault | Contents
 class KernelEvent(msgspec.Struct, tag="kevent", omit_defaults=True, forbid_unknown_fields=False):
     """One kernel tracepoint hit read from tracefs (``replay.tracefs``), e.g. ``kvm:kvm_exit``.
 
-    Not part of `Event` (the trace chunks do not store it yet); `replay.tracefs.merge`
-    interleaves these with recorded events by time. ``fields`` are decoded by the event's
+    Not part of `Event`: a trace keeps them in chunks of their own after its end chunk
+    (`replay.kevents`, ``TraceReader.kevents``), and `replay.tracefs_merge.merge` interleaves
+    them with the recorded events by time. ``fields`` are decoded by the event's
     ``format`` file (``common_*`` fields left out): integers as ``int``, ``char`` arrays and
     ``__data_loc char[]`` as ``str``, anything else as ``bytes``.
     """

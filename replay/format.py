@@ -5,7 +5,8 @@ Byte layout (all integers little-endian; full description in ``docs/trace-format
     file head   20 B   magic b"FKVMTRC\\0", u16 format_version, u16 compat_version,
                        u32 header_len, u32 crc32(head[0:16] + header)
     header      header_len B   msgpack of `replay.events.Header`
-    chunk*      frame 20 B     b"CK", u8 kind (0 events, 1 end), u8 flags (bit 0: zlib),
+    chunk*      frame 20 B     b"CK", u8 kind (0 events, 1 end, 2 kernel events: after
+                               the end chunk), u8 flags (bit 0: zlib),
                                u32 count, u32 payload_len, u32 crc32(payload),
                                u32 crc32(frame[0:16])
                 payload        msgpack (zlib-compressed when flags bit 0) of a columnar chunk
@@ -48,7 +49,7 @@ from replay.codec import (
 )
 from replay.codec import decode_any as _dec_any
 from replay.columns import Column
-from replay.events import COMPAT_VERSION, FORMAT_VERSION, Event, Fault, Header
+from replay.events import COMPAT_VERSION, FORMAT_VERSION, Event, Fault, Header, KernelEvent
 
 __all__ = [
     "CHUNK_FRAME",
@@ -76,6 +77,8 @@ CHUNK_FRAME = _FRAME  #: the chunk frame's layout, for tools that walk a file's 
 FRAME_MAGIC = b"CK"
 CHUNK_EVENTS = 0
 CHUNK_END = 1
+#: kernel tracepoint events, after the end chunk (`replay.kevents`)
+CHUNK_KEVENTS = 2
 FLAG_ZLIB = 1
 ZLIB_LEVEL = 6  #: a closed trace's chunks: 12 % smaller than level 1 on real traces
 #: while recording (the thread that fills a chunk compresses it, often a fault path):
@@ -429,7 +432,7 @@ class TraceReader:
                     f"the file is corrupt",
                     off,
                 )
-            if plen > MAX_PAYLOAD or kind not in (CHUNK_EVENTS, CHUNK_END):
+            if plen > MAX_PAYLOAD or kind not in (CHUNK_EVENTS, CHUNK_END, CHUNK_KEVENTS):
                 raise TraceError(
                     f"{self.path}: chunk {index} at byte {off}: kind {kind}, {plen} payload "
                     f"bytes: not a chunk this reader knows",
@@ -451,6 +454,10 @@ class TraceReader:
                     f"(bytes {pstart}..{pstart + plen}): the file is corrupt",
                     pstart,
                 )
+            if kind == CHUNK_KEVENTS:  # kernel events are read by `kevents`, not here
+                off = pstart + plen
+                index += 1
+                continue
             try:
                 if flags & FLAG_ZLIB:
                     payload = zlib.decompress(payload)
@@ -486,6 +493,13 @@ class TraceReader:
             off = pstart + plen
             index += 1
             yield result
+
+    def kevents(self) -> Iterator[KernelEvent]:
+        """The kernel tracepoint events ``capture --kvm-trace`` appended (`replay.kevents`),
+        in time order; read through a file handle of their own (merge them lazily)."""
+        from replay.kevents import read_kevents
+
+        return read_kevents(self.path, self.data_offset)
 
     def __iter__(self) -> Iterator[Event]:
         for events in self.chunks():

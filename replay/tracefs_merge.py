@@ -2,8 +2,9 @@
 
 `merge` interleaves time-ordered `KernelEvent` records (from a `replay.tracefs_session`) into
 a recorded stream of `Call`/`Fault`/`Contents`; `save_kevents`/`load_kevents` write and read
-``FILE.kevents`` (the trace chunks do not hold kernel events yet). Part of `replay.tracefs`,
-which re-exports every public name here.
+the side file ``FILE.kevents``, where captures put them before format 2 and where `capture`
+still puts them when its trace did not close whole (otherwise they go into the trace itself:
+`replay.kevents`). Part of `replay.tracefs`, which re-exports every public name here.
 """
 
 from __future__ import annotations

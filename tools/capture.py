@@ -31,7 +31,7 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument(
         "--kvm-trace", action="store_true",
-        help="also record the kernel's kvm tracepoints into FILE.kevents (root)",
+        help="also record the kernel's kvm tracepoints into FILE, after its events (root)",
     )  # fmt: skip
     p.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS...]")
     p.set_defaults(handler=run)
@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"fakekvm capture: {t.line()}", file=sys.stderr)
     if result.kevents is not None:
         missing = ", ".join(sorted(result.kevents_skipped)) or "none"
-        print(f"fakekvm capture: {args.output}.kevents: {result.kevents} kvm tracepoint hits "
+        print(f"fakekvm capture: {result.kevents_path}: {result.kevents} kvm tracepoint hits "
               f"(not on this kernel: {missing})", file=sys.stderr)  # fmt: skip
     if not result.traces:
         print(

@@ -16,6 +16,7 @@ place it stopped is said on stderr.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import sys
@@ -134,11 +135,16 @@ def run_show(args: argparse.Namespace) -> int:
             for line in header_lines(t.header):
                 out.write(line + "\n")
         events: Iterator[Any] = t.events()
-        kpath = args.trace + ".kevents"
-        if os.path.exists(kpath) and not args.faults_only:  # capture --kvm-trace
+        if not args.faults_only:  # capture --kvm-trace: in the trace, or (older) beside it
             from replay.tracefs_merge import load_kevents, merge
 
-            events = merge(events, load_kevents(kpath))
+            kpath = args.trace + ".kevents"
+            kevents = t.reader.kevents()
+            first = next(kevents, None)
+            if first is not None:
+                events = merge(events, itertools.chain((first,), kevents))
+            elif os.path.exists(kpath):
+                events = merge(events, load_kevents(kpath))
         for line in show_lines(t.header, events, flt):
             out.write(line + "\n")
     finally:
