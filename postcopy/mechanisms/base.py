@@ -296,6 +296,8 @@ class UffdPlacer:
         self.eexist = 0
         self.eagain = 0
         self.wakes = 0
+        #: faults on placed pages whose range was unregistered meanwhile (teardown): ENOENT
+        self.gone = 0
 
     # -- reading ------------------------------------------------------------------
     def read_messages(self) -> bytes:
@@ -428,6 +430,12 @@ class UffdPlacer:
                 if e.errno == errno.EEXIST:
                     self.eexist += 1
                     self.wake(addr, ps)
+                    return
+                if e.errno == errno.ENOENT:
+                    # the range is no longer registered (the destination tears down while a
+                    # late fault on a placed page is handled): unregistering woke every waiter
+                    # (``userfaultfd_unregister`` -> ``wake_userfault``), so nobody waits here
+                    self.gone += 1
                     return
                 if e.errno != errno.EAGAIN:
                     raise OSError(e.errno, f"UFFDIO_ZEROPAGE start={addr:#x}: {e.strerror}") from e

@@ -142,6 +142,21 @@ def test_fault_on_a_placed_page_is_woken_not_requested() -> None:
     assert [c[0] for c in k.calls] == ["ZEROPAGE", "WAKE"]
 
 
+def test_fault_on_a_placed_page_of_an_unregistered_range_is_left_alone() -> None:
+    """ZEROPAGE answers ENOENT once the range is no longer registered (``dst not in a
+    uffd-registered VMA``, uapi.md): a late fault handled while the destination tears down.
+    Unregistering woke every waiter, so there is nothing to wake and nothing to raise; any
+    other error still raises."""
+    k = Script()
+    p = UffdPlacer(k, 3, BASE, PS)
+    k.outcomes = [(errno.ENOENT, -errno.ENOENT)]
+    p.zeropage_or_wake(9)
+    assert [c[0] for c in k.calls] == ["ZEROPAGE"] and p.gone == 1
+    k.outcomes = [(errno.EFAULT, -errno.EFAULT)]
+    with pytest.raises(OSError, match="UFFDIO_ZEROPAGE"):
+        p.zeropage_or_wake(9)
+
+
 class _Ctx:
     """A FaultContext that records what the fault loop asks for."""
 

@@ -424,7 +424,8 @@ def test_in_situ_timing_counts_the_fault_path_calls_of_a_real_migration() -> Non
         assert r.faults > 0 and r.p50_us > 0
         assert r.ops["read"][0] >= 1 and r.ops["poll"][0] >= 1
         copies = r.ops["ioctl" if control else "uffdio_copy"][0]
-        assert copies >= r.faults / 2  # a demand copy per request (a batch may serve several)
+        # demand copies were timed (not one a fault: the push resolves many faults of 64 MiB)
+        assert copies >= 1
         assert all(us >= 0 for _, us in r.ops.values())
         assert set(r.median_us) == set(r.ops)
 
