@@ -218,7 +218,7 @@ def _structs(cls: type, cols: Any, n: int) -> list[Any]:
     its: list[Iterable[Any]] = []
     for f, vals in sec.items():
         col = cols.get(f)
-        if type(col) is list and len(col) == 2 and col[0] == "c" and _IMMUTABLE(col[1]):
+        if type(col) is list and len(col) == 2 and col[0] == "c" and _immutable(col[1]):
             its.append(repeat(col[1], n))  # no list of n equal values to make, then drop
         elif f in _LIST_FIELDS[cls] and type(col) is list and col[0] == "t":
             its.append(list(map(list, vals)))
@@ -227,7 +227,7 @@ def _structs(cls: type, cols: Any, n: int) -> list[Any]:
     return list(map(cls, *its))
 
 
-def _IMMUTABLE(v: Any) -> bool:
+def _immutable(v: Any) -> bool:
     return v is None or type(v) in (int, str, bytes, bool, float)
 
 
